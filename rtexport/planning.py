@@ -255,3 +255,53 @@ def measure_similarity(
         for h in handles:
             h.remove()
     return {i: sums[i] / max(count[i], 1.0) for i in layers}
+
+
+def make_plan(
+    loaded: Any,
+    *,
+    method: str = "router-tuning",
+    routers: str | Path | None = None,
+    skip_ratio: float | None = None,
+    skip_layers: int | None = None,
+    data: str | None = None,
+    seq_len: int = 512,
+    blocks: int = 32,
+    batch_size: int = 4,
+    layers: list[int] | str | None = None,
+    target: str = "attn",
+) -> SkipPlan:
+    """Build a SkipPlan for ``loaded`` from tuned routers (``method='router-tuning'``) or from Attention Drop's
+    cosine rule (``method='attention-drop'``), measured on the same calibration text."""
+    from .routing.config import parse_layers
+    from .tuning.data import load_blocks
+
+    calib, info = load_blocks(loaded.tokenizer, data, seq_len=seq_len, max_blocks=blocks)
+    calibration = {"source": info.to_dict(), "blocks": int(calib.shape[0]), "seq_len": seq_len}
+    src = dict(base_revision=loaded.source.revision, base_gguf_file=loaded.source.gguf_file)
+    common = dict(base_model=loaded.source.model_id, fingerprint=loaded.fingerprint,
+                  num_layers=loaded.model.config.num_hidden_layers, skip_ratio=skip_ratio, skip_layers=skip_layers,
+                  calibration=calibration, **src)
+    if method == "router-tuning":
+        if routers is None:
+            raise DataError("a router-tuning plan needs the tuned routers folder")
+        from .tuning.trainer import collect_scores, load_tuned
+
+        routed = load_tuned(loaded, routers)
+        try:
+            scores = collect_scores(routed, calib, batch_size)
+            thr = routed.state.threshold
+            rates = {i: float((s >= thr).float().mean()) for i, s in scores.items()}
+            means = {i: float(s.float().mean()) for i, s in scores.items()}
+            calibration["threshold"] = thr
+            calibration["routers"] = str(routers)
+            return plan_from_execution_rates(rates, means, target=routed.config.target, **common)
+        finally:
+            routed.unwrap()
+    if method == "attention-drop":
+        n = loaded.model.config.num_hidden_layers
+        cand = parse_layers(layers, n)
+        batches = [{"input_ids": calib[i : i + batch_size].to(loaded.device)} for i in range(0, calib.shape[0], batch_size)]
+        sim = measure_similarity(loaded.model, loaded.adapter, batches, target=target, layers=cand)
+        return plan_from_similarity(sim, target=target, **common)
+    raise DataError(f"unknown plan method {method!r}: use router-tuning or attention-drop")

@@ -18,9 +18,9 @@ def masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torc
     """
     if padding_mask is None:
         return hidden.mean(dim=1)
-    m = padding_mask.to(hidden.dtype).unsqueeze(-1)
-    total = (hidden * m).sum(dim=1)
-    count = m.sum(dim=1).clamp_min(1.0)
+    keep = padding_mask.to(torch.bool).unsqueeze(-1)
+    total = torch.where(keep, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(dim=1)
+    count = keep.sum(dim=1).clamp_min(1).to(hidden.dtype)
     return total / count
 
 

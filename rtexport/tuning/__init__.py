@@ -1,0 +1,1 @@
+"""Router tuning: data and the trainer."""
