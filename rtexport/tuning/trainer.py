@@ -113,6 +113,35 @@ def _execution_rate(routed: RoutedModel) -> torch.Tensor:
     return torch.stack([g.float().mean() for g in gates]).mean()
 
 
+def tuning_loss(
+    routed: RoutedModel,
+    ids: torch.Tensor,
+    keep_rate: float | None,
+    capacity_weight: float,
+    fused_loss: bool = False,
+    loss_chunk_tokens: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-batch of router tuning (``routed`` in mode "train"): (loss, LM loss, execution rate).
+
+    loss = LM loss + capacity_weight * relu(execution_rate - keep_rate). ``fused_loss`` computes the LM loss chunk by
+    chunk from the final hidden states (rtexport.tuning.loss) instead of through ``labels=``, never holding the
+    full logits; both give the same loss and gradients up to rounding.
+    """
+    mask = torch.ones_like(ids)
+    if fused_loss:
+        from .loss import causal_lm_loss
+
+        lm = causal_lm_loss(routed.base_model, routed.adapter.final_norm, ids, mask,
+                            chunk_tokens=loss_chunk_tokens, call=routed)
+    else:
+        lm = routed(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+    rate = _execution_rate(routed)
+    loss = lm.float()
+    if keep_rate is not None:
+        loss = loss + capacity_weight * torch.relu(rate - keep_rate)
+    return loss, lm, rate
+
+
 @torch.no_grad()
 def collect_scores(
     routed: RoutedModel, blocks: torch.Tensor, batch_size: int, threshold: float | None = None
@@ -268,13 +297,9 @@ def tune(
             lm_total, rate_total = 0.0, 0.0
             for idx in micro:
                 ids = train_blocks[idx].to(device)
-                out = routed(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
-                rate = _execution_rate(routed)
-                loss = out.loss.float()
-                if keep_rate is not None:
-                    loss = loss + settings.capacity_weight * torch.relu(rate - keep_rate)
+                loss, lm, rate = tuning_loss(routed, ids, keep_rate, settings.capacity_weight)
                 (loss / len(micro)).backward()
-                lm_total += float(out.loss.detach()) / len(micro)
+                lm_total += float(lm.detach()) / len(micro)
                 rate_total += float(rate.detach()) / len(micro)
             optimizer.step()
             record = {"step": step + 1, "lm_loss": round(lm_total, 6), "skip": round(1.0 - rate_total, 6)}

@@ -1,0 +1,84 @@
+"""Named model shapes with random weights, built directly on a device (for speed measurements: timing does not depend
+on the weights' values, and no checkpoint has to be downloaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import RtexportError
+
+
+class UnknownShape(RtexportError):
+    """A shape name that is not in SHAPES."""
+
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Meta-Llama-3-8B's config.json (architecture fields only)
+    "llama3-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=False,
+    ),
+    # a few-kB model of the same family, for tests and smoke runs of the measurement scripts
+    "llama-tiny": dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def random_model(
+    shape: str | dict[str, Any],
+    *,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    std: float = 0.02,
+    attn_implementation: str = "sdpa",
+) -> nn.Module:
+    """A causal LM of ``shape`` (a SHAPES name or config fields incl. ``model_type``) with random weights.
+
+    Parameters are allocated on ``device`` in ``dtype`` (never on the CPU first); matrices are drawn from
+    N(0, std²), norm weights are 1 and biases 0.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise UnknownShape(f"unknown shape {shape!r}; known: {', '.join(sorted(SHAPES))}")
+        fields = dict(SHAPES[shape])
+    else:
+        fields = dict(shape)
+    model_type = fields.pop("model_type")
+    config = AutoConfig.for_model(model_type, **fields)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, std, generator=generator)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+    return model.eval()

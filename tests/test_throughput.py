@@ -1,0 +1,108 @@
+"""Stage: tuning (throughput). Real router-tuning steps timed on a tiny random model, and the chunked LM loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import build_model
+
+from rtexport.models.shapes import UnknownShape, random_model
+from rtexport.routing import RoutedModel
+from rtexport.tuning.loss import linear_cross_entropy
+from rtexport.tuning.throughput import compare_losses, flop_counts, main, measure_tuning_throughput
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_measure_runs_real_steps_and_trains_only_routers(fused):
+    model = build_model("llama", num_hidden_layers=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    r = measure_tuning_throughput(model, batch_size=2, seq_len=16, steps=2, warmup=1, fused_loss=fused,
+                                  loss_chunk_tokens=7, peak_flops=1e12)
+    assert len(r["step_ms"]) == 2 and all(t > 0 for t in r["step_ms"])
+    assert r["tokens_per_step"] == 32
+    assert r["tokens_per_s"] == pytest.approx(32 / (r["step_ms_median"] / 1e3), rel=1e-3)
+    assert r["seconds_for_2M_tokens"] == pytest.approx(2e6 / r["tokens_per_s"], rel=1e-3)
+    assert r["settings"]["layers"] == [2] and r["settings"]["fused_loss"] is fused
+    checks = r["checks"]
+    assert checks["routers_got_gradients"] and not checks["backbone_got_gradients"]
+    assert checks["first_layer_tracked_by_autograd"] == 2 and checks["lower_layers_untracked"]
+    assert checks["losses_finite"]
+    # the step ran the optimizer: the router (zero-initialised) moved, the backbone did not
+    assert r["lm_loss_first_last"][0] > 1.0
+    # MFU against the given peak, both conventions; real work is less than 4N (no backward below layer 2)
+    assert 0 < r["flop_per_token_real"] < r["flop_per_token_4N"]
+    assert r["mfu_4N_datasheet"] == pytest.approx(r["tokens_per_s"] * r["flop_per_token_4N"] / 1e12, rel=1e-3)
+    assert r["mfu_4N_measured"] is None
+    json.dumps(r)
+    # the model is handed back as it came: plain layers, same weights, same requires_grad flags
+    assert not any(isinstance(m, RoutedModel) for m in model.modules())
+    assert type(model.model.layers[2]).__name__ == "LlamaDecoderLayer"
+    after = model.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"backbone tensor {k} changed"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_routers_get_gradients_and_move_within_the_measurement():
+    model = build_model("llama", num_hidden_layers=4)
+    routed = RoutedModel.from_model(model)
+    r = measure_tuning_throughput(routed, batch_size=2, seq_len=16, steps=2, warmup=1)
+    assert r["checks"]["routers_got_gradients"]
+    assert any(torch.count_nonzero(p) for p in routed.router_parameters())  # three AdamW steps moved them
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_flop_counts_match_the_shapes():
+    model = build_model("llama", num_hidden_layers=4)  # hidden 64, intermediate 128, 4 heads of 16, 2 KV heads
+    f = flop_counts(model, RoutedModel.from_model(model).adapter, [2], "attn", seq_len=16)
+    attn, mlp, head = 64 * 64 * 2 + 64 * 32 * 2, 3 * 64 * 128, 260 * 64
+    n_total = sum(p.numel() for p in model.parameters())
+    assert f["params_N"] == n_total - 260 * 64
+    assert f["flop_per_token_4N"] == 4 * f["params_N"]
+    core = 2 * 16 * 64
+    assert f["flop_per_token_real_forward"] == 2 * (4 * (attn + mlp) + head) + 4 * core
+    # backward: output head, layer 3 fully, layer 2's MLP only (its attention sits before the gate's input)
+    assert f["flop_per_token_real_backward"] == 2 * head + 2 * (attn + mlp) + 2.5 * core + 2 * mlp
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_linear_cross_entropy_matches_the_library_loss_and_gradients(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(40, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 40, (23,), generator=g)
+    y[[3, 7]] = -100
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y, ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref * 3.0, (h, w, b))
+    out = linear_cross_entropy(h, w, y, b, chunk_tokens=chunk)
+    grads = torch.autograd.grad(out * 3.0, (h, w, b))
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_loss_equals_labels_loss_on_a_routed_model():
+    model = build_model("llama", num_hidden_layers=4)
+    c = compare_losses(model, batch_size=2, seq_len=16, loss_chunk_tokens=5)
+    assert c["lm_loss_abs_diff"] < 1e-4 and c["router_grad_rel_err"] < 1e-4
+    assert c["lm_loss_hf"] > 1.0
+
+
+def test_random_model_and_script_entry(tmp_path, capsys):
+    m = random_model("llama-tiny", device="cpu", dtype=torch.float32, seed=1)
+    w = m.model.layers[0].mlp.up_proj.weight
+    assert w.device.type == "cpu" and 0.015 < float(w.detach().std()) < 0.025
+    assert torch.equal(m.model.norm.weight, torch.ones_like(m.model.norm.weight))
+    with pytest.raises(UnknownShape):
+        random_model("no-such-shape", device="cpu")
+    out = tmp_path / "t.json"
+    assert main(["--shape", "llama-tiny", "--device", "cpu", "--dtype", "float32", "--batch-size", "2",
+                 "--seq-len", "16", "--steps", "1", "--warmup", "0", "--loss", "hf", "fused",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["variant"] for r in report["runs"]] == ["eager+hf", "eager+fused"]
+    assert "tok/s" in capsys.readouterr().out
