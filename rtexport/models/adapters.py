@@ -26,6 +26,7 @@ class ArchitectureAdapter:
     embed_tokens: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
+    rotary_emb: str = "model.rotary_emb"
     attn: str = "self_attn"
     mlp: str = "mlp"
     attn_norm: str = "input_layernorm"
@@ -33,6 +34,8 @@ class ArchitectureAdapter:
     # q/k/v/o projection names inside the attention module, gate/up/down inside the MLP
     attn_projections: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp_projections: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # per-head norms applied to q and k before the rotary embedding (used when ``qk_norm``)
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
     # whether the attention has biases / per-head q,k norms (not expressible in the nemotron-nas form)
     attn_bias: bool = False
     qk_norm: bool = False
@@ -76,6 +79,24 @@ class ArchitectureAdapter:
         if target == "block":
             return [base]
         raise ValueError(f"unknown target {target!r}")
+
+    def rotary_embedding(self, model: nn.Module) -> nn.Module:
+        return self._get(model, self.rotary_emb)
+
+    @staticmethod
+    def sliding_window(config: Any, layer_index: int) -> int | None:
+        """The attention window of layer ``layer_index`` (``None``: full causal attention).
+
+        Configs with ``layer_types`` window only their ``sliding_attention`` layers; configs without it window every
+        layer when ``sliding_window`` is set.
+        """
+        window = getattr(config, "sliding_window", None)
+        if not window:
+            return None
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            return int(window) if types[layer_index] == "sliding_attention" else None
+        return int(window)
 
     @property
     def nemotron_nas_compatible(self) -> bool:

@@ -28,6 +28,7 @@ from ..routing.config import parse_layers
 from ..routing.routed import RoutedModel
 from ..versions import package_versions
 from .data import load_blocks, split_blocks
+from .optim import build_optimizer
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -47,6 +48,7 @@ class TuneSettings:
     epochs: float = 1.0
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
     seed: int = 0
     threshold: float = 0.5
     calibration_blocks: int = 32
@@ -265,7 +267,7 @@ def tune(
             model, loaded.adapter, settings.lora_r, settings.lora_alpha, settings.lora_targets, settings.seed
         )
     params = routed.router_parameters() + list(lora_params.values())
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = build_optimizer(settings.optimizer, params, settings.lr, settings.weight_decay)
 
     per_step = settings.batch_size * settings.grad_accum
     steps_per_epoch = max(1, math.ceil(train_blocks.shape[0] / per_step))
