@@ -190,3 +190,15 @@ def test_routers_refuse_another_model(tmp_path):
         RoutedModel.from_pretrained(other, tmp_path)
     again = RoutedModel.from_pretrained(build_model("llama"), tmp_path)
     assert again.layers == [2, 3]
+
+
+def test_sampled_gate_is_bernoulli_forward_identity_backward():
+    torch.manual_seed(0)
+    from rtexport.routing.router import sampled_straight_through_gate
+
+    score = torch.full((20000,), 0.3, requires_grad=True)
+    gate = sampled_straight_through_gate(score)
+    assert set(gate.detach().unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(gate.detach().mean()) - 0.3) < 0.02
+    gate.sum().backward()
+    assert torch.equal(score.grad, torch.ones_like(score))

@@ -73,9 +73,9 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tokenizer, lora):
-    settings = TuneSettings(steps=6, checkpoint_every=2, target_skip=0.25, lora=lora, **SMALL)
+@pytest.mark.parametrize("lora,gates", [(False, "threshold"), (True, "threshold"), (False, "sampled")])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tokenizer, lora, gates):
+    settings = TuneSettings(steps=6, checkpoint_every=2, target_skip=0.25, lora=lora, gates=gates, **SMALL)
     full = tune(_loaded(tokenizer), settings, tmp_path / "full", progress=False, measure_perplexity=False)
 
     def stop_at_4(step, record):

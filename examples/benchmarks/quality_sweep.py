@@ -34,6 +34,11 @@ VARIANTS = {
     "shared-adam-1e-3": dict(optimizer="shared-adam", lr=1e-3, capacity_weight=5.0),
     "shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0),
     "shared-adam-1e-3-cap1": dict(optimizer="shared-adam", lr=1e-3, capacity_weight=1.0),
+    "adamw-1e-3-3ep": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, epochs=3.0),
+    "sampled-adamw-1e-3": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, gates="sampled"),
+    "sampled-adamw-1e-3-3ep": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, gates="sampled", epochs=3.0),
+    "sampled-shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, gates="sampled"),
+    "sampled-shared-adam-1e-2-3ep": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, gates="sampled", epochs=3.0),
 }
 
 
@@ -57,6 +62,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.125,0.25,0.375,0.5")
     ap.add_argument("--reference-ratio", type=float, default=0.25)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--select-only", action="store_true", help="stop after choosing the variant (no task evaluation)")
     ap.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,hellaswag,boolq,openbookqa,winogrande,lambada")
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--heldout-blocks", type=int, default=64)
@@ -76,9 +82,9 @@ def main() -> None:
     log: dict = {"model": args.model, "layers": cand, "counts": {str(r): k for r, k in counts.items()}, "variants": {}}
 
     def tuned(name, k, **variant):
-        settings = TuneSettings(layers=cand, target_skip=k / len(cand), seq_len=args.seq_len, max_samples=args.max_samples,
-                                batch_size=args.batch_size, epochs=args.epochs, eval_blocks=16, calibration_blocks=32,
-                                checkpoint_every=0, **variant)
+        kw = dict(layers=cand, target_skip=k / len(cand), seq_len=args.seq_len, max_samples=args.max_samples,
+                  batch_size=args.batch_size, epochs=args.epochs, eval_blocks=16, calibration_blocks=32, checkpoint_every=0)
+        settings = TuneSettings(**{**kw, **variant})
         r = tune(loaded, settings, out / f"routers-{name}-{k}", progress=False, measure_perplexity=False)
         return r
 
@@ -109,6 +115,9 @@ def main() -> None:
     log["attention_drop_calibration_ppl"] = ad_calib["perplexity"]
     print(f"attention-drop: skip {ad_plans[args.reference_ratio].skip} calibration ppl {ad_calib['perplexity']:.3f}")
     log["best_variant"] = best
+    if args.select_only:
+        (out / "sweep.json").write_text(json.dumps(log, indent=1, default=float))
+        return
 
     # per ratio: tune for that ratio with the chosen variant, then evaluate both plans on held-out text and tasks
     plans = []

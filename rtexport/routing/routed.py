@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import ArtifactMismatch
 from ..models.adapters import ArchitectureAdapter, adapter_for, config_fingerprint
 from .config import CONFIG_NAME, WEIGHTS_NAME, RouterConfig
-from .router import Router, straight_through_gate
+from .router import Router, sampled_straight_through_gate, straight_through_gate
 
 MODES = ("hard", "train", "open")
 
@@ -34,6 +34,7 @@ class RoutingState:
 
     mode: str = "hard"  # hard: thresholded decisions; train: straight-through gates; open: every gate on
     threshold: float = 0.5
+    stochastic: bool = False  # train mode: sample gates ~ Bernoulli(score) instead of thresholding (still STE)
     padding_mask: torch.Tensor | None = None
     is_prefill: bool = True
     held: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -99,7 +100,7 @@ class RoutedDecoderLayer(nn.Module):
             pad = pad[:, -normed.shape[1]:] if self.granularity == "token" or not st.is_prefill else pad
         if st.mode == "train":
             score = self.router(normed, pad, self.granularity)
-            gate = straight_through_gate(score, st.threshold)
+            gate = sampled_straight_through_gate(score) if st.stochastic else straight_through_gate(score, st.threshold)
             st.scores[self.index] = score
             st.gates[self.index] = gate
             return gate.to(normed.dtype).reshape(gate.shape[0], -1, 1)

@@ -30,6 +30,16 @@ def straight_through_gate(score: torch.Tensor, threshold: float) -> torch.Tensor
     return hard + score - score.detach()
 
 
+def sampled_straight_through_gate(score: torch.Tensor) -> torch.Tensor:
+    """Forward: a Bernoulli(score) sample (0.0 or 1.0). Backward: the identity with respect to ``score``.
+
+    Training with sampled gates shows each router many skip configurations around the target sparsity instead of
+    one, so its gradient estimates the layer's contribution averaged over which other layers are skipped.
+    """
+    hard = torch.bernoulli(score.detach().float()).to(score.dtype)
+    return hard + score - score.detach()
+
+
 class Router(nn.Module):
     """One linear probe that scores whether a sub-block should run."""
 

@@ -49,6 +49,7 @@ class TuneSettings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adamw"
+    gates: str = "threshold"  # threshold (the paper: hard 0.5 threshold + STE) or sampled (Bernoulli + STE)
     seed: int = 0
     threshold: float = 0.5
     calibration_blocks: int = 32
@@ -70,6 +71,8 @@ class TuneSettings:
         for name in ("batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.gates not in ("threshold", "sampled"):
+            raise DataError(f"--gates must be threshold or sampled, got {self.gates!r}")
         if self.steps is not None and self.steps < 1:
             raise DataError("--steps must be at least 1")
         if self.lr <= 0:
@@ -190,6 +193,8 @@ def _save_checkpoint(directory: Path, routed: RoutedModel, optimizer: torch.opti
         "routers": {k: v.detach().cpu().clone() for k, v in routed.routers.state_dict().items()},
         "lora": {k: v.detach().cpu().clone() for k, v in lora_params.items()},
         "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "history": history,
         "settings": settings.to_dict(),
     }
@@ -281,6 +286,9 @@ def tune(
             for k, v in payload["lora"].items():
                 lora_params[k].data.copy_(v)
             optimizer.load_state_dict(payload["optimizer"])
+            torch.set_rng_state(payload["rng"])
+            if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(payload["cuda_rng"])
             start, history = int(payload["step"]), list(payload["history"])
     elif ckpt_dir.exists():
         for f in ckpt_dir.glob("*"):
@@ -289,6 +297,7 @@ def tune(
     device = next(model.parameters()).device
     keep_rate = None if settings.target_skip is None else 1.0 - settings.target_skip
     display = _Progress(total, enabled=progress)
+    routed.state.stochastic = settings.gates == "sampled"
     with display, routed.mode("train"):
         display.advance_to(start)
         for step in range(start, total):
