@@ -48,7 +48,9 @@ def tune(
     grad_accum: int = typer.Option(1),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: from --epochs)."),
     epochs: float = typer.Option(1.0),
-    lr: float = typer.Option(1e-3),
+    lr: float = typer.Option(1e-2),
+    optimizer: str = typer.Option("shared-adam", help="shared-adam (one second-moment scale for all routers), adamw or sgd."),
+    gates: str = typer.Option("sampled", help="Training gates: sampled (Bernoulli + straight-through) or threshold (the paper's hard 0.5)."),
     seed: int = typer.Option(0),
     eval_blocks: int = typer.Option(32, help="Held-out blocks for execution rates and perplexity."),
     checkpoint_every: int = typer.Option(10, help="Steps between resumable checkpoints."),
@@ -67,7 +69,7 @@ def tune(
     settings = TuneSettings(
         target=target, granularity=granularity, layers=layers, target_skip=target_skip, capacity_weight=capacity_weight,
         seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, grad_accum=grad_accum, steps=steps,
-        epochs=epochs, lr=lr, seed=seed, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every, lora=lora,
+        epochs=epochs, lr=lr, optimizer=optimizer, gates=gates, seed=seed, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every, lora=lora,
         lora_r=lora_r, data=data, eval_data=eval_data,
     )
     settings.validate()

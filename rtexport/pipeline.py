@@ -47,8 +47,9 @@ class PipelineSettings:
     max_samples: int | None = 64
     batch_size: int = 4
     steps: int | None = 16
-    lr: float = 1e-3
-    optimizer: str = "adamw"
+    lr: float = 1e-2
+    optimizer: str = "shared-adam"
+    gates: str = "sampled"
     capacity_weight: float = 5.0
     seed: int = 0
     calibration_blocks: int = 16
@@ -194,7 +195,7 @@ class Pipeline:
         from .tuning.trainer import TuneSettings, tune
 
         key = self.s.key("model", "revision", "dtype", "target", "layers", "skip_ratio", "data", "seq_len",
-                         "max_samples", "batch_size", "steps", "lr", "optimizer", "capacity_weight", "seed",
+                         "max_samples", "batch_size", "steps", "lr", "optimizer", "gates", "capacity_weight", "seed",
                          "calibration_blocks", "heldout_blocks")
 
         def run() -> dict[str, Any]:
@@ -202,7 +203,7 @@ class Pipeline:
             settings = TuneSettings(
                 target=self.s.target, layers=cand, target_skip=self.skip_count() / len(cand),
                 capacity_weight=self.s.capacity_weight, seq_len=self.s.seq_len, max_samples=self.s.max_samples,
-                batch_size=self.s.batch_size, steps=self.s.steps, lr=self.s.lr, optimizer=self.s.optimizer,
+                batch_size=self.s.batch_size, steps=self.s.steps, lr=self.s.lr, optimizer=self.s.optimizer, gates=self.s.gates,
                 seed=self.s.seed, calibration_blocks=self.s.calibration_blocks, eval_blocks=self.s.heldout_blocks,
                 data=self.s.data,
             )

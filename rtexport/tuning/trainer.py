@@ -46,10 +46,10 @@ class TuneSettings:
     grad_accum: int = 1
     steps: int | None = None
     epochs: float = 1.0
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
-    optimizer: str = "adamw"
-    gates: str = "threshold"  # threshold (the paper: hard 0.5 threshold + STE) or sampled (Bernoulli + STE)
+    optimizer: str = "shared-adam"
+    gates: str = "sampled"  # threshold (the paper: hard 0.5 threshold + STE) or sampled (Bernoulli + STE)
     seed: int = 0
     threshold: float = 0.5
     calibration_blocks: int = 32
