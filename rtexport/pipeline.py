@@ -255,7 +255,11 @@ class Pipeline:
             head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
             per_layer = 2 * cfg.num_key_value_heads * head_dim * self.loaded.model.dtype.itemsize
             files = sorted(folder.glob("*.safetensors"))
+            from .pruning import read_manifest
+
+            manifest = read_manifest(folder)
             return {
+                "parameters": manifest.get("parameters") or manifest.get("pruned_parameters"),
                 "model_type": json.loads((folder / "config.json").read_text()).get("model_type"),
                 "kept_attention_layers": plan.kv_layers(),
                 "skipped_attention_layers": plan.skip,
@@ -384,8 +388,6 @@ class Pipeline:
     def report(self) -> dict[str, Any]:
         loaded = self.loaded
         cfg = loaded.model.config
-        from .packaging.licenses import license_for
-
         return {
             "format": "rtexport.report/1",
             "rtexport_version": __version__,
@@ -398,7 +400,7 @@ class Pipeline:
                 "num_layers": cfg.num_hidden_layers,
                 "hidden_size": cfg.hidden_size,
                 "parameters": sum(p.numel() for p in loaded.model.parameters()),
-                "license": license_for(loaded.source.model_id),
+                "license": self._license(),
             },
             "settings": asdict(self.s),
             "device": device_description(loaded.device),
@@ -406,20 +408,25 @@ class Pipeline:
             "stages": {name: asdict(rec) for name, rec in self.records.items()},
         }
 
+    def _license(self) -> str | None:
+        if not hasattr(self, "_license_value"):
+            from .packaging.licenses import license_for
+
+            src = self.loaded.source
+            self._license_value = license_for(src.model_id, local_path=src.local_path, gguf_file=src.gguf_file,
+                                              revision=src.revision)
+        return self._license_value
+
     def stage_card(self) -> StageRecord:
         from .packaging.card import render_card
 
         def run() -> dict[str, Any]:
             report = self.report()
-            targets = []
             if self.wants_hf():
                 render_card(report, self.path("model"))
-                targets.append("model/README.md")
-            if self.wants_onnx():
-                for mode in self.s.onnx_modes:
-                    render_card(report, self.path("onnx", mode))
-                    targets.append(f"onnx/{mode}/README.md")
-            return {"cards": targets}
+                return {"cards": ["model/README.md"]}
+            render_card(report, self.path("onnx"), onnx_paths={m: m for m in self.s.onnx_modes})
+            return {"cards": ["onnx/README.md"]}
 
         return self.run_stage("card", _hash(str(time.time())), None, run)
 
@@ -439,6 +446,11 @@ class Pipeline:
 
     # ---- the whole job -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        if self.s.push_to_hub:  # a repo name the base model's licence forbids fails now, not after the slow stages
+            from .models.loading import describe_source
+            from .packaging.licenses import check_name
+
+            check_name(self.s.push_to_hub.split("/")[-1], describe_source(self.s.model, self.s.revision).model_id)
         self.out.mkdir(parents=True, exist_ok=True)
         t = self.stage_tune()
         p = self.stage_plan(t.key)
