@@ -335,6 +335,37 @@ def tune_and_export_cmd(
     _ = report
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
+    pruned: Optional[Path] = typer.Option(None, help="Pruned folder (from `rtexport prune`)."),
+    onnx: Optional[list[Path]] = typer.Option(None, help="ONNX graph folders to time as well (repeatable)."),
+    reps: int = typer.Option(3, help="Timed repetitions per cell (medians are reported)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results as JSON here."),
+    revision: Optional[str] = typer.Option(None),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("auto"),
+    trust_remote_code: bool = typer.Option(False),
+) -> None:
+    """Full vs pruned (vs ONNX) side by side in one run: prefill and per-token decode, medians and ratios."""
+    from rich.table import Table
+
+    from .bench_run import bench_artifacts
+    from .fsutil import write_json_atomic
+
+    loaded = _load(model, revision, _auto_dtype(dtype, device), device, trust_remote_code)
+    graphs = {f"onnx:{p.name}": p for p in onnx or []}
+    result = bench_artifacts(loaded, pruned_dir=pruned, onnx_graphs=graphs, reps=reps)
+    table = Table(title=f"{result['method']} on {result['device'].get('name')}")
+    for col in ("variant", "cell", "median ms", "speedup vs full"):
+        table.add_column(col)
+    for r in result["rows"]:
+        table.add_row(r["variant"], r["cell"], f"{r['ms']:.2f}", f"{r['speedup']:.3f}x")
+    Console().print(table)
+    if output is not None:
+        write_json_atomic(output, result)
+
+
 @app.command("bench-tune")
 def bench_tune(
     shape: str = typer.Option("llama3-8b", help="Random-weight model shape."),

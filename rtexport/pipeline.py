@@ -375,7 +375,7 @@ class Pipeline:
         return self.run_stage("evaluate", key, None, run)
 
     def stage_bench(self, upstream_key: str) -> StageRecord:
-        from . import bench as bench_mod
+        from . import bench_run as bench_mod
 
         key = _hash(upstream_key, self.s.key("bench_reps", "device"))
 

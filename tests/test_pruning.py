@@ -255,6 +255,125 @@ def test_kv_cache_bytes_in_process(pruned):
     assert kv_cache_bytes(None) == 0
 
 
+# ---- static KV cache (compiled decoding) ---------------------------------------------------------------------------
+def _cache_argument() -> str:
+    """transformers 5.24 names the cache argument ``cache``; earlier 5.x releases ``past_key_values``."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _static_cache_bytes(cache, kept_layers: int, batch: int, kv_heads: int, head_dim: int) -> tuple[int, int]:
+    """(bytes held, capacity) of a static cache, checking every entry has the same (B, kv, capacity, d) shape."""
+    shapes = {tuple(t.shape) for layer in cache.layers for t in (layer.keys, layer.values)}
+    assert len(shapes) == 1, shapes
+    b, kv, capacity, d = shapes.pop()
+    assert (b, kv, d) == (batch, kv_heads, head_dim)
+    assert len(cache.layers) == kept_layers
+    return kv_cache_bytes(cache), capacity
+
+
+@pytest.mark.parametrize("name", ["llama_attn", "qwen3_attn"])
+def test_static_cache_generate_matches_dynamic_and_holds_only_kept_layers(pruned, name):
+    case = pruned["cases"][name]
+    model = load_pruned(case["folder"], dtype="float32").model
+    cfg = case["loaded"].model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kept = case["plan"].kv_layers()
+    inputs = case["inputs"]
+    kw = dict(input_ids=inputs["padded_ids"], attention_mask=inputs["mask"], max_new_tokens=12, min_new_tokens=12,
+              do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(**kw)
+        static = model.generate(**kw, cache_implementation="static", return_dict_in_generate=True)
+    assert torch.equal(static.sequences, dynamic)
+    cache = static.cache if getattr(static, "cache", None) is not None else static.past_key_values
+    assert type(cache).__name__ == "StaticCache"
+    b, prompt = inputs["padded_ids"].shape
+    held, capacity = _static_cache_bytes(cache, len(kept), b, cfg.num_key_value_heads, head_dim)
+    assert capacity >= prompt + 12 - 1
+    assert held == len(kept) * 2 * b * cfg.num_key_value_heads * capacity * head_dim * 4
+
+
+def test_make_static_cache_allocates_kept_layers_only_and_generates(pruned):
+    case = pruned["cases"]["llama_attn"]
+    model = load_pruned(case["folder"], dtype="float32").model
+    cfg = case["loaded"].model.config
+    kept = case["plan"].kv_layers()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    cache = model.make_static_cache(2, 24)
+    # allocated at once, before any forward: exactly the kept layers' K and V
+    held, capacity = _static_cache_bytes(cache, len(kept), 2, cfg.num_key_value_heads, head_dim)
+    assert capacity == 24
+    assert held == len(kept) * 2 * 2 * cfg.num_key_value_heads * 24 * head_dim * 4
+    assert len(kept) < cfg.num_hidden_layers
+    inputs = case["inputs"]
+    kw = dict(input_ids=inputs["padded_ids"], attention_mask=inputs["mask"], max_new_tokens=10, min_new_tokens=10,
+              do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = model.generate(**kw)
+        static = model.generate(**kw, **{_cache_argument(): cache})
+    assert torch.equal(static, dynamic)
+    assert kv_cache_bytes(cache) == held  # nothing grew
+
+
+def test_static_cache_with_mixed_attention_windows(tmp_path):
+    """Kept layers with different windows get one mask each from generate's static-cache hook."""
+    model = build_model("mistral", intermediate_size=256, sliding_window=4)
+    loaded = wrap_model(model)
+    plan = SkipPlan(base_model="tiny", fingerprint=loaded.fingerprint, num_layers=6, target="attn", method="manual",
+                    skip=[2])
+    folder = prune(loaded, plan, tmp_path / "windowed")
+    config = _config(folder)
+    config["attention_windows"] = [4, None, 4, None, 4, None]
+    (folder / "config.json").write_text(json.dumps(config))
+    pruned_model = load_pruned(folder, dtype="float32").model
+    assert set(pruned_model.model.attention_windows) == {4, None}
+    ids = _inputs(model.config.vocab_size)["ids"]
+    kw = dict(input_ids=ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        dynamic = pruned_model.generate(**kw)
+        static = pruned_model.generate(**kw, cache_implementation="static")
+        masks = pruned_model.create_masks_for_generate(
+            inputs_embeds=torch.empty(2, 1, 0), attention_mask=torch.ones(2, 13, dtype=torch.long),
+            cache=pruned_model.make_static_cache(2, 20),
+        )
+    assert torch.equal(static, dynamic)
+    assert set(masks) == {"full", "window_4"}
+    assert masks["full"].shape == masks["window_4"].shape == (2, 1, 1, 20)
+    # position 12 sees slots 0..12, or 9..12 through a window of 4
+    assert masks["full"][0, 0, 0].nonzero().flatten().tolist() == list(range(13))
+    assert masks["window_4"][0, 0, 0].nonzero().flatten().tolist() == [9, 10, 11, 12]
+
+
+def test_compiled_static_decode_is_one_graph_without_breaks(pruned):
+    """generate's compiled decode step (static cache) traces once, as one full graph, for every step."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    case = pruned["cases"]["llama_attn"]
+    model = load_pruned(case["folder"], dtype="float32").model
+    inputs = case["inputs"]
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    kw = dict(input_ids=inputs["padded_ids"], attention_mask=inputs["mask"], max_new_tokens=10, min_new_tokens=10,
+              do_sample=False, pad_token_id=0)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.no_grad():
+            dynamic = model.generate(**kw)
+            first = model.generate(**kw, cache_implementation="static", compile_config=compile_config)
+            second = model.generate(**kw, cache_implementation="static", compile_config=compile_config)
+        graphs = counters["stats"]["unique_graphs"]
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 1  # 2 × 9 decode steps, one trace: no recompilation per step or per call
+    assert breaks == {}
+    assert torch.equal(first, dynamic) and torch.equal(second, dynamic)
+
+
 # ---- the nemotron-nas form against vLLM's loader ---------------------------------------------------------------
 def _vllm_ffn_mult_to_intermediate_size():
     spec = json.loads(FIXTURE.read_text())

@@ -7,7 +7,8 @@
 #
 # Decoder layers follow the nemotron-nas (DeciLM) layout: a layer whose ``attention.no_op`` is set has no attention
 # weights and keeps no KV cache; a layer whose ``ffn.no_op`` is set has no feed-forward weights. The KV cache (a
-# transformers ``DynamicCache``) holds one entry per *kept* attention layer: kept layer ``config.kv_layers[k]`` writes
+# transformers ``DynamicCache``, or a ``StaticCache`` for compiled decoding: ``generate(cache_implementation="static")``
+# or ``model.make_static_cache``) holds one entry per *kept* attention layer: kept layer ``config.kv_layers[k]`` writes
 # cache slot ``k``.
 """A Llama-style decoder with per-layer no-op attention / feed-forward sub-blocks (rtexport pruned models)."""
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_rtexport_decilm import DeciLMConfig, RtexportPrunedConfig
@@ -33,6 +34,18 @@ def _cache_field(output_class: type) -> str:
 
 _MODEL_CACHE_FIELD = _cache_field(BaseModelOutputWithPast)
 _LM_CACHE_FIELD = _cache_field(CausalLMOutputWithPast)
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (major, minor)
+    except (ValueError, IndexError):
+        return False
+
+
+# scaled_dot_product_attention(enable_gqa=...) exists from torch 2.5 on
+_SDPA_HAS_GQA = _torch_at_least(2, 5)
 
 
 class DeciLMRMSNorm(nn.Module):
@@ -163,14 +176,19 @@ class DeciLMAttention(nn.Module):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.cache_slot)
-        k = repeat_kv(k, self.num_groups)
-        v = repeat_kv(v, self.num_groups)
         if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != q.dtype:
             attention_mask = attention_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=attention_mask, is_causal=is_causal,
-            scale=self.scaling,
-        )
+        if self.num_groups > 1 and attention_mask is None and _SDPA_HAS_GQA:
+            # grouped-query attention inside the kernel (flash / efficient), no copies of K/V per query head
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None, is_causal=is_causal, scale=self.scaling, enable_gqa=True
+            )
+        else:
+            # with a mask the GQA kernels are not available: repeat K/V per query head (as transformers does)
+            out = F.scaled_dot_product_attention(
+                q, repeat_kv(k, self.num_groups), repeat_kv(v, self.num_groups), attn_mask=attention_mask,
+                is_causal=is_causal, scale=self.scaling,
+            )
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out)
 
@@ -227,22 +245,68 @@ class DeciLMDecoderLayer(nn.Module):
         return hidden_states
 
 
+def window_key(window: int | None) -> str:
+    """Key of a window's mask in the dict of masks handed to ``forward`` (layers with different windows)."""
+    return "full" if window is None else f"window_{window}"
+
+
+def static_attention_mask(
+    attention_mask: torch.Tensor | None,
+    batch_size: int,
+    query_length: int,
+    past_length: int | torch.Tensor,
+    capacity: int,
+    window: int | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean (B, 1, T, capacity) mask, True = attend, for a static cache whose K/V span ``capacity`` slots.
+
+    Slot j holds the token at position j; slots past the last written one are masked by causality. ``past_length``
+    may be a 0-d tensor (a static cache keeps its fill level on the device): everything here is tensor arithmetic, so
+    the mask costs no host synchronisation and has the same shape at every decode step (one compiled / captured graph).
+    ``attention_mask`` is an optional 2-D padding mask over the tokens seen so far (1 = real token).
+    """
+    q_idx = (torch.arange(query_length, device=device) + past_length)[:, None]
+    k_idx = torch.arange(capacity, device=device)[None, :]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed = allowed & (q_idx - k_idx < window)
+    allowed = allowed[None, None].expand(batch_size, 1, query_length, capacity)
+    if attention_mask is not None:
+        pad = attention_mask.to(device=device, dtype=torch.bool)
+        if pad.shape[-1] > capacity:
+            raise ValueError(f"attention_mask covers {pad.shape[-1]} tokens, but the static cache holds {capacity}")
+        if pad.shape[-1] < capacity:
+            pad = torch.cat([pad, pad.new_ones(pad.shape[0], capacity - pad.shape[-1])], dim=-1)
+        allowed = allowed & pad[:, None, None, :]
+    # A query with nothing to attend to (a left-padding position) attends to itself (see attention_mask_for_sdpa).
+    empty = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | (empty & (k_idx == q_idx))
+
+
 def attention_mask_for_sdpa(
     attention_mask: torch.Tensor | None,
     batch_size: int,
     query_length: int,
-    past_length: int,
+    past_length: int | torch.Tensor,
     window: int | None,
     device: torch.device,
+    capacity: int | None = None,
 ) -> tuple[torch.Tensor | None, bool]:
     """(mask, is_causal) for ``scaled_dot_product_attention``; the mask is boolean (B, 1, T, S), True = attend.
 
     ``attention_mask`` is the usual 2-D padding mask over cached + new tokens (1 = real token), or a ready 4-D mask.
-    Without padding and without a window, plain causal attention needs no mask at all.
+    ``capacity`` is the length of a static cache's K/V buffers (None for a cache that grows, or no cache): attention
+    then spans every slot, written or not, and the mask is always explicit (``static_attention_mask``).
+    Without a static cache, padding or a window, plain causal attention needs no mask at all.
     """
-    kv_length = past_length + query_length
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask, False
+    if capacity is not None:
+        return static_attention_mask(
+            attention_mask, batch_size, query_length, past_length, capacity, window, device
+        ), False
+    kv_length = past_length + query_length
     if attention_mask is not None:
         if attention_mask.shape[-1] != kv_length:
             raise ValueError(
@@ -275,9 +339,10 @@ def attention_mask_for_sdpa(
 def fit_cache(cache: Cache, kv_slots: int) -> Cache:
     """Make ``cache`` hold exactly one entry per kept attention layer.
 
-    ``generate`` builds its ``DynamicCache`` from the config, one (empty, lazily allocated) entry per decoder layer;
-    this model keeps K/V only for the kept attention layers, in slots 0..kv_slots-1, so the unused trailing entries are
-    dropped before anything is written (a cache already holding tensors there belongs to another model: an error).
+    ``generate`` builds its cache (``DynamicCache``, or ``StaticCache`` for ``cache_implementation="static"``) from
+    the config, one empty, lazily allocated entry per decoder layer; this model keeps K/V only for the kept attention
+    layers, in slots 0..kv_slots-1, so the unused trailing entries are dropped before anything is written (a cache
+    already holding tensors there belongs to another model: an error). Nothing is ever allocated for them.
     """
     if not isinstance(cache, Cache):
         raise TypeError(f"pass the KV cache as a transformers Cache (e.g. DynamicCache), not {type(cache).__name__}")
@@ -290,6 +355,17 @@ def fit_cache(cache: Cache, kv_slots: int) -> Cache:
             )
         del layers[kv_slots:]
     return cache
+
+
+def static_capacity(cache: Cache | None) -> int | None:
+    """Length of a static cache's K/V buffers; None for a cache that grows with the sequence (or no cache)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    layer = layers[0]
+    get_max_length = getattr(layer, "get_max_length", None)
+    length = get_max_length() if callable(get_max_length) else getattr(layer, "max_cache_len", None)
+    return int(length) if isinstance(length, int) and length > 0 else None
 
 
 class DeciLMPreTrainedModel(PreTrainedModel):
@@ -311,6 +387,11 @@ class DeciLMModel(DeciLMPreTrainedModel):
         )
         self.norm = DeciLMRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = DeciLMRotaryEmbedding(config)
+        # plain Python facts, read once (a compiled forward then guards on two constants, not on the whole config)
+        self.kv_slots = len(slots)
+        self.attention_windows = tuple(
+            dict.fromkeys(layer.attention_window for layer in self.layers if not layer.attention_no_op)
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -318,6 +399,39 @@ class DeciLMModel(DeciLMPreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def static_cache_masks(
+        self,
+        batch_size: int,
+        query_length: int,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        device: torch.device,
+    ) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """The 4-D masks for the next forward through a static ``cache`` (what ``generate`` prepares per step).
+
+        One boolean mask, or one per attention window (keyed by ``window_key``) when kept layers differ in window.
+        ``attention_mask`` is 2-D over the tokens seen so far, including the ``query_length`` new ones.
+        """
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask
+        if cache is None or not self.kv_slots:
+            return attention_mask
+        cache = fit_cache(cache, self.kv_slots)
+        capacity = static_capacity(cache)
+        if capacity is None:
+            return attention_mask
+        if attention_mask is not None:
+            past_length: int | torch.Tensor = attention_mask.shape[-1] - query_length
+        else:
+            past_length = cache.get_seq_length()
+        masks = {
+            window_key(window): static_attention_mask(
+                attention_mask, batch_size, query_length, past_length, capacity, window, device
+            )
+            for window in self.attention_windows
+        }
+        return next(iter(masks.values())) if len(masks) == 1 else masks
 
     def forward(
         self,
@@ -344,21 +458,26 @@ class DeciLMModel(DeciLMPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
-        kv_layers = self.config.kv_layers
+        kv_slots = self.kv_slots
         if cache is not None:
-            cache = fit_cache(cache, len(kv_layers))
+            cache = fit_cache(cache, kv_slots)
         batch_size, query_length = inputs_embeds.shape[:2]
-        past_length = cache.get_seq_length() if (cache is not None and kv_layers) else 0
         device = inputs_embeds.device
+        with_cache = cache is not None and kv_slots > 0
+        # an int for a growing cache; a 0-d device tensor for a static one (no host sync in a compiled decode step)
+        past_length = cache.get_seq_length() if with_cache else 0
+        capacity = static_capacity(cache) if with_cache else None
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + query_length, device=device).unsqueeze(0)
+            position_ids = (torch.arange(query_length, device=device) + past_length).unsqueeze(0)
 
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if kv_layers else None
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if kv_slots else None
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
-        for layer in self.layers:
-            if not layer.attention_no_op and layer.attention_window not in masks:
-                masks[layer.attention_window] = attention_mask_for_sdpa(
-                    attention_mask, batch_size, query_length, past_length, layer.attention_window, device
+        for window in self.attention_windows:
+            if isinstance(attention_mask, dict):
+                masks[window] = (attention_mask[window_key(window)], False)
+            else:
+                masks[window] = attention_mask_for_sdpa(
+                    attention_mask, batch_size, query_length, past_length, window, device, capacity
                 )
 
         hidden_states = inputs_embeds
@@ -402,6 +521,52 @@ class DeciLMForCausalLM(DeciLMPreTrainedModel, GenerationMixin):
     def kv_layers(self) -> list[int]:
         """Decoder layers that keep a KV cache; cache slot k belongs to layer ``kv_layers[k]``."""
         return self.config.kv_layers
+
+    def make_static_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Cache:
+        """A transformers ``StaticCache`` with ``max_length`` slots for each *kept* attention layer, allocated now.
+
+        Pass it as ``past_key_values`` to ``generate`` (which then compiles the decode step, as for
+        ``cache_implementation="static"``) or to ``forward``. Layers without attention get no entry and no memory.
+        """
+        cache = fit_cache(StaticCache(config=self.config, max_cache_len=max_length), self.model.kv_slots)
+        kept = self.config.kv_layers
+        if kept:
+            cache.early_initialization(
+                batch_size=batch_size,
+                num_heads=[self.config.num_kv_heads(i) for i in kept],
+                head_dim=[int(self.config.head_dim)] * len(kept),
+                dtype=dtype or self.dtype,
+                device=torch.device(device) if device is not None else self.device,
+            )
+        return cache
+
+    def create_masks_for_generate(
+        self,
+        config: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """``generate``'s hook for static caches: the 4-D masks this model attends with, sized to the cache.
+
+        They have the same shape at every decode step, so the compiled step is traced once; per-layer windows are
+        honoured (transformers' own mask builder does not know this config's windows).
+        """
+        batch_size, query_length = inputs_embeds.shape[:2]
+        return self.model.static_cache_masks(
+            batch_size, query_length, attention_mask, cache if cache is not None else past_key_values,
+            inputs_embeds.device,
+        )
 
     def forward(
         self,
