@@ -338,7 +338,7 @@ class Pipeline:
             results = {}
             for mode in self.s.onnx_modes:
                 dest = self.path("onnx", mode)
-                report = read_json(self.path("onnx-build", mode, "parity_report.json"))
+                report = self.path("onnx-build", mode, "parity_report.json")
                 package_ort_gpu(self.path("onnx-build", mode), dest, report, allow_failed=True)
                 results[mode] = {"path": str(dest.relative_to(self.out)), "files": sorted(p.name for p in dest.iterdir())}
             return results

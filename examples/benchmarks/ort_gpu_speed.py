@@ -1,0 +1,148 @@
+"""ONNX Runtime (CUDA EP) speed of rtexport's graphs, side by side in one run:
+
+* gated graph (every routed attention block in an ONNX ``If``, decisions fed back as host inputs) against the static
+  graph with the same active layers;
+* ORT CUDA EP (static graph) against PyTorch SDPA running the same pruned model (rtexport's pruned folder).
+
+A random-weight Llama-shaped model (``--shape``), fp16; the deepest ``--skip`` routed layers (never the last) are
+dropped. The gated graph's routers are set so that, on the benchmark prompt, they choose exactly the static plan's
+layers (kept: weight 0, score 0.5 → run; skipped: a weight opposite to the prompt's pooled hidden state), so both
+graphs run the same layers and the difference is the ``If`` machinery.
+
+    PYTHONPATH=.:/tmp/parts-unpacked python3 examples/benchmarks/ort_gpu_speed.py --shape llama3.2-1b --skip 4 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtexport.bench import Cell, time_decode, time_prefill
+from rtexport.bench_run import _ort_decode_ms, _ort_prefill_ms
+from rtexport.models.loading import wrap_model
+from rtexport.models.shapes import SHAPES, random_model
+from rtexport.planning import SkipPlan
+from rtexport.routing import RoutedModel
+
+EXTRA_SHAPES = {
+    "llama3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                        tie_word_embeddings=False, attention_bias=False),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3.2-1b")
+    ap.add_argument("--skip", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default="ort-bench")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import onnxruntime as ort
+
+    from rtexport.onnx.export import export_onnx
+    from rtexport.onnx.runtime import OrtCausalLM
+    from rtexport.pruning import load_pruned, prune
+
+    shape = EXTRA_SHAPES.get(args.shape) or SHAPES[args.shape]
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    t0 = time.perf_counter()
+    model = random_model(shape, device=args.device, dtype=dtype).eval()
+    loaded = wrap_model(model, None, model_id=f"random-{args.shape}")
+    n = model.config.num_hidden_layers
+    candidates = list(range(n // 2, n - 1))
+    skip = candidates[-args.skip:]
+    plan = SkipPlan(base_model=loaded.source.model_id, fingerprint=loaded.fingerprint, num_layers=n, target="attn",
+                    method="manual", skip=skip, candidates=candidates)
+    cell_p = Cell.prefill(args.batch, args.prompt)
+    cell_d = Cell.decode(args.batch, args.prompt, args.new_tokens)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
+    log = {"shape": args.shape, "skip": skip, "providers": ort.get_available_providers(), "ort": ort.__version__,
+           "torch": torch.__version__}
+
+    # routers that pick exactly the plan on this prompt
+    routed = RoutedModel.from_model(model, layers=candidates, base_model_id=loaded.source.model_id)
+    with torch.no_grad(), routed.recording():
+        pooled = {}
+        hooks = []
+        for i in candidates:
+            layer = loaded.adapter.decoder_layers(model)[i].layer
+            norm = loaded.adapter.attention_norm(layer)
+            hooks.append(norm.register_forward_hook(lambda m, a, o, i=i: pooled.__setitem__(i, o.float().mean(dim=(0, 1)))))
+        routed(input_ids=ids.to(args.device))
+        for h in hooks:
+            h.remove()
+        for i in candidates:
+            w = torch.zeros_like(routed.routers[str(i)].proj.weight)
+            if i in skip:
+                w[0] = -pooled[i] / pooled[i].norm() * 8.0
+            routed.routers[str(i)].proj.weight.copy_(w)
+        routed(input_ids=ids.to(args.device))
+        chosen = sorted(i for i, d in routed.decisions().items() if not bool(d.all()))
+    log["gated_skips_on_prompt"] = chosen
+    print("gated routers skip", chosen, "plan", skip, flush=True)
+
+    work = Path(tempfile.mkdtemp(prefix="ortbench-"))
+    t = time.perf_counter()
+    export_onnx(loaded, work / "gated", mode="gated", routed=routed, dtype="float16" if dtype == torch.float16 else "float32")
+    log["export_gated_s"] = time.perf_counter() - t
+    routed.unwrap()
+    t = time.perf_counter()
+    export_onnx(loaded, work / "static", mode="static", plan=plan, dtype="float16" if dtype == torch.float16 else "float32")
+    log["export_static_s"] = time.perf_counter() - t
+    print("exported", log["export_gated_s"], log["export_static_s"], flush=True)
+
+    # PyTorch SDPA on rtexport's pruned folder
+    prune(loaded, plan, work / "pruned")
+    del model, loaded, routed
+    torch.cuda.empty_cache() if args.device == "cuda" else None
+    pruned = load_pruned(work / "pruned", dtype=dtype, device=args.device).model
+    res = {}
+    res["torch_pruned"] = {"prefill_ms": time_prefill(pruned, args.batch, args.prompt, reps=args.reps).median_ms,
+                           "decode_ms": time_decode(pruned, args.batch, args.prompt, args.new_tokens, reps=3).median_ms}
+    print("torch", res["torch_pruned"], flush=True)
+    del pruned
+    torch.cuda.empty_cache() if args.device == "cuda" else None
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
+    for mode in ("static", "gated", "static", "gated"):  # two rounds, interleaved
+        lm = OrtCausalLM(work / mode, providers=providers)
+        pre = _ort_prefill_ms(lm, cell_p, args.reps, vocab)
+        dec = _ort_decode_ms(lm, cell_d, 3, vocab)
+        r = res.setdefault(f"ort_{mode}", {"prefill_samples": [], "decode_samples": [], "provider": lm.session.get_providers()[0]})
+        r["prefill_samples"] += pre
+        r["decode_samples"] += dec
+        print(mode, statistics.median(pre), statistics.median(dec), flush=True)
+        del lm
+    for mode in ("static", "gated"):
+        r = res[f"ort_{mode}"]
+        r["prefill_ms"] = statistics.median(r["prefill_samples"])
+        r["decode_ms"] = statistics.median(r["decode_samples"])
+    ratios = {
+        "gated_over_static_prefill": res["ort_gated"]["prefill_ms"] / res["ort_static"]["prefill_ms"],
+        "gated_over_static_decode": res["ort_gated"]["decode_ms"] / res["ort_static"]["decode_ms"],
+        "ort_static_speedup_vs_torch_prefill": res["torch_pruned"]["prefill_ms"] / res["ort_static"]["prefill_ms"],
+        "ort_static_speedup_vs_torch_decode": res["torch_pruned"]["decode_ms"] / res["ort_static"]["decode_ms"],
+    }
+    log.update(results=res, ratios=ratios, seconds=time.perf_counter() - t0)
+    (out / "ort_speed.json").write_text(json.dumps(log, indent=1))
+    print(json.dumps(ratios, indent=1))
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if not kk.endswith("samples")} for k, v in res.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
