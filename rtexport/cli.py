@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -76,6 +77,25 @@ def tune(
     loaded = _load(model, revision, _auto_dtype(dtype, device), device, trust_remote_code)
     result = run_tune(loaded, settings, output, resume=resume)
     _print_tune_summary(result)
+
+
+@contextlib.contextmanager
+def _reference(loaded, plan, routed):
+    """The PyTorch model a graph is checked against: the routers (gated), or the model with the plan's decisions
+    fixed (static), or the plain model."""
+    reference = routed
+    if reference is None and plan is not None:
+        from .routing import RoutedModel
+
+        reference = RoutedModel.from_model(loaded.model, target=plan.target, layers=sorted(plan.run_map()),
+                                           base_model_id=loaded.source.model_id)
+    if reference is None:
+        yield loaded.model
+    elif plan is not None:
+        with reference.forced_decisions(plan.run_map()):
+            yield reference
+    else:
+        yield reference
 
 
 def _auto_dtype(dtype: str, device: str) -> str:
@@ -192,16 +212,7 @@ def export_onnx(
         from .evaluation.parity import parity_table, validate
         from .onnx.package import package_ort_gpu
 
-        reference = routed if routed is not None else loaded.model
-        if plan is not None and routed is None:
-            from .routing import RoutedModel
-
-            reference = RoutedModel.from_model(loaded.model, target=plan.target, layers=sorted(plan.run_map()),
-                                               base_model_id=loaded.source.model_id)
-        if plan is not None and mode == "static":
-            with reference.forced_decisions(plan.run_map()):
-                report = validate(reference, graph_dir, tokenizer=loaded.tokenizer, atol=atol)
-        else:
+        with _reference(loaded, plan if mode == "static" else None, routed) as reference:
             report = validate(reference, graph_dir, tokenizer=loaded.tokenizer, atol=atol)
         Console().print(parity_table(report))
         try:
@@ -226,8 +237,6 @@ def validate(
     trust_remote_code: bool = typer.Option(False),
 ) -> None:
     """PyTorch against ONNX Runtime: logits, top-1, greedy tokens, perplexity. Exit code 3 on a miss."""
-    import contextlib
-
     from .evaluation.parity import parity_table
     from .evaluation.parity import validate as run_validate
     from .fsutil import write_json_atomic
@@ -235,20 +244,12 @@ def validate(
 
     loaded = _load(model, revision, "float32", "cpu", trust_remote_code)
     plan = SkipPlan.load(plan_file) if plan_file else None
-    reference = loaded.model
-    ctx = contextlib.nullcontext()
+    routed = None
     if routers is not None:
         from .tuning.trainer import load_tuned
 
-        reference = load_tuned(loaded, routers)
-    elif plan is not None:
-        from .routing import RoutedModel
-
-        reference = RoutedModel.from_model(loaded.model, target=plan.target, layers=sorted(plan.run_map()),
-                                           base_model_id=loaded.source.model_id)
-    if plan is not None:
-        ctx = reference.forced_decisions(plan.run_map())
-    with ctx:
+        routed = load_tuned(loaded, routers)
+    with _reference(loaded, plan, routed) as reference:
         report = run_validate(reference, onnx_dir, tokenizer=loaded.tokenizer, atol=atol, steps=steps, batch_size=batch_size)
     Console().print(parity_table(report))
     if report_path is not None:
