@@ -398,22 +398,17 @@ def supported() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: user errors print one line and exit non-zero, never a traceback."""
-    import click
-
     try:
-        rv = app(args=argv, standalone_mode=False)
-        return int(rv) if isinstance(rv, int) else 0
+        app(args=argv, standalone_mode=True)  # usage errors: click prints them and exits 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except RtexportError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("[bold red]interrupted[/]: outputs already written stay valid; rerun with --resume where offered")
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: outputs already written stay valid; rerun to resume where offered")
         return 130
+    return 0
 
 
 def entry() -> None:
