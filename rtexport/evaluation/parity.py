@@ -34,8 +34,10 @@ from ..fsutil import write_json_atomic
 
 REPORT_FORMAT = "rtexport.parity_report/1"
 
-# Defaults per graph dtype. float32: what fp32 kernels that sum in another order give on the real 30-layer model;
-# float16: what half precision costs against an fp32 reference.
+# Defaults per graph dtype. Measured on SmolLM2-135M (30 layers, 6 attention layers dropped), 9 padded sequences
+# (361 real tokens), 24 greedy steps, CPU: float32 graph max |logits diff| 2.1e-4, perplexity rel. diff 4.7e-7,
+# top-1 and greedy agreement 1.0; float16 graph against the float32 model: 0.067, 4.5e-4, 1.0 and 0.977.
+# The tolerances leave about 5x (float32) and 4x (float16) room above those.
 DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "float32": {"atol": 1e-3, "top1": 0.999, "greedy": 1.0, "ppl_rel": 1e-4, "decisions": 1.0},
     "float16": {"atol": 0.25, "top1": 0.97, "greedy": 0.75, "ppl_rel": 1e-2, "decisions": 0.97},
@@ -268,19 +270,13 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> dict[str, t
 
 
 def _default_texts(count: int) -> list[str]:
-    from ..tuning.data import load_texts
+    """Paragraphs of the shipped held-out text, spread over it, in varied lengths (so that batches are padded)."""
+    from ..tuning.data import embedded_corpus
 
-    docs, _ = load_texts(None, split="heldout", max_documents=max(count * 4, 16))
-    # varied lengths, so that every batch is padded
-    out = []
-    for n, d in enumerate(docs):
-        d = " ".join(d.split())
-        if len(d) < 40:
-            continue
-        out.append(d[: 120 + 90 * (n % 4)])
-        if len(out) == count:
-            break
-    return out
+    paragraphs = [" ".join(p.split()) for p in embedded_corpus("heldout").split("\n\n")]
+    paragraphs = [p for p in paragraphs if len(p) >= 80]
+    step = max(len(paragraphs) // max(count, 1), 1)
+    return [p[: 100 + 120 * (n % 4)] for n, p in enumerate(paragraphs[::step][:count])]
 
 
 # ---- metrics -------------------------------------------------------------------------------------------------

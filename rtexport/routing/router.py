@@ -27,7 +27,7 @@ def masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor | None) -> torc
 def straight_through_gate(score: torch.Tensor, threshold: float) -> torch.Tensor:
     """Forward: 1.0 where ``score >= threshold`` else 0.0. Backward: the identity with respect to ``score``."""
     hard = (score >= threshold).to(score.dtype)
-    return hard + score - score.detach()
+    return hard + (score - score.detach())  # parenthesised: the forward value is exactly 0.0 or 1.0
 
 
 def sampled_straight_through_gate(score: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def sampled_straight_through_gate(score: torch.Tensor) -> torch.Tensor:
     one, so its gradient estimates the layer's contribution averaged over which other layers are skipped.
     """
     hard = torch.bernoulli(score.detach().float()).to(score.dtype)
-    return hard + score - score.detach()
+    return hard + (score - score.detach())  # parenthesised: the forward value is exactly 0.0 or 1.0
 
 
 class Router(nn.Module):

@@ -1,0 +1,356 @@
+"""Static and gated ONNX export through ``torch.onnx.export(dynamo=True)``.
+
+The output folder holds ``model.onnx`` with its weights in ``model.onnx.data`` (external data, always: graphs over
+2 GB need it and one layout for every size keeps the loaders and checks the same), the tokenizer files when the model
+has a tokenizer, and ``export_info.json`` that says what made the graph (mode, dtype, opset, layout, versions).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ArtifactMismatch, DataError
+from ..fsutil import atomic_directory, file_sha256, read_json, write_json_atomic
+from .graph_model import MODES, DecoderGraph, GraphSpec, build_spec
+
+GRAPH_NAME = "model.onnx"
+DATA_NAME = "model.onnx.data"
+INFO_NAME = "export_info.json"
+INFO_FORMAT = "rtexport.onnx_export/1"
+ONNX_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+OPSETS = range(17, 24)
+DEFAULT_OPSET = 18
+
+
+def _canonical_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
+    if isinstance(dtype, torch.dtype):
+        for name, value in ONNX_DTYPES.items():
+            if value == dtype and name in ("float32", "float16"):
+                return name, value
+    elif dtype in ONNX_DTYPES:
+        value = ONNX_DTYPES[dtype]
+        return ("float32" if value == torch.float32 else "float16"), value
+    raise DataError(f"ONNX export supports float32 and float16, not {dtype}")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("rtexport", "torch", "transformers", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _example_inputs(graph: DecoderGraph, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
+    """Tracing inputs: sizes that no two dimensions share (and none is 0 or 1), so nothing gets specialised."""
+    spec = graph.spec
+    b, t, p = 2, 3, 5
+    vocab = int(graph.embed_tokens.weight.shape[0])
+    ids = torch.randint(0, vocab, (b, t), device=device)
+    mask = torch.ones(b, p + t, dtype=torch.int64, device=device)
+    pos = torch.arange(p, p + t, device=device)[None].expand(b, t).contiguous()
+    past = []
+    for n, i in enumerate(spec.kv_layers):
+        length = p + 2 + n if spec.routes_attention(i) else p  # a routed layer's cache has its own length
+        shape = (b, graph.num_kv_heads, length, graph.head_dim)
+        past += [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
+    if spec.mode == "static":
+        return (ids, mask, pos, past)
+    decisions = torch.ones(b, len(spec.routed_layers), dtype=torch.bool, device=device)
+    run = [torch.tensor(True, device=device) for _ in spec.routed_layers]
+    return (ids, mask, pos, past, decisions, run)
+
+
+def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...]:
+    from torch.export import Dim
+
+    batch, seq = Dim("batch_size"), Dim("sequence_length")
+    total, past = Dim("total_sequence_length"), Dim("past_sequence_length")
+    kv = []
+    for i in spec.kv_layers:
+        d = Dim(f"past_sequence_length_{i}") if spec.routes_attention(i) else past
+        kv += [{0: batch, 2: d}, {0: batch, 2: d}]
+    shapes: tuple[Any, ...] = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv)
+    if spec.mode == "gated":
+        shapes += ({0: batch}, [None for _ in spec.routed_layers])
+    return shapes
+
+
+def _dim_names(spec: GraphSpec) -> dict[str, list[str | None]]:
+    """Readable names for the symbolic dimensions of every graph input and output (None: a fixed size)."""
+    names: dict[str, list[str | None]] = {
+        "input_ids": ["batch_size", "sequence_length"],
+        "attention_mask": ["batch_size", "total_sequence_length"],
+        "position_ids": ["batch_size", "sequence_length"],
+        "logits": ["batch_size", "sequence_length", None],
+        "last_logits": ["batch_size", None],
+    }
+    for i in spec.kv_layers:
+        past = f"past_sequence_length_{i}" if spec.routes_attention(i) else "past_sequence_length"
+        present = f"present_sequence_length_{i}" if spec.routes_attention(i) else "total_sequence_length"
+        for kind in ("key", "value"):
+            names[f"past_key_values.{i}.{kind}"] = ["batch_size", None, past, None]
+            names[f"present.{i}.{kind}"] = ["batch_size", None, present, None]
+    if spec.mode == "gated":
+        names["routing_decisions"] = ["batch_size", None]
+        names["decisions"] = ["batch_size", None]
+    return names
+
+
+def _finish_graph(path: Path, spec: GraphSpec, metadata: dict[str, str]) -> None:
+    """Name the symbolic dimensions of inputs and outputs and add metadata; the weights file is not touched."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = _dim_names(spec)
+    for value in list(model.graph.input) + list(model.graph.output):
+        wanted = names.get(value.name)
+        if wanted is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for dim, name in zip(dims, wanted):
+            if name is not None and not dim.HasField("dim_value"):
+                dim.dim_param = name
+    del model.metadata_props[:]
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+
+
+def make_readable(folder: Path) -> None:
+    """Staging folders and atomic writes start private (0700/0600); a finished artifact is shared like any file."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for item in folder.iterdir():
+        if item.is_file():
+            item.chmod((0o777 if os.access(item, os.X_OK) else 0o666) & ~mask)
+
+
+def _name_transposed_weights(model: Any) -> None:
+    """Linear layers export as ``MatMul(x, Transpose(W))``; the optimizer folds each transpose into a new weight.
+    Name those ``{W}.T`` (instead of ``val_123``) so the graph's weights keep the model's parameter names."""
+    from onnx_ir.traversal import RecursiveGraphIterator
+
+    taken = set(model.graph.initializers)
+    for node in RecursiveGraphIterator(model.graph):
+        if node.op_type != "Transpose" or not node.inputs or node.inputs[0] is None:
+            continue
+        weight = node.inputs[0]
+        if weight.is_initializer() and f"{weight.name}.T" not in taken:
+            node.outputs[0].name = f"{weight.name}.T"
+            taken.add(node.outputs[0].name)
+
+
+def check_graph(path: str | Path) -> None:
+    """``onnx.checker`` by path (works for graphs over 2 GB); raise ArtifactMismatch with its first line."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactMismatch(f"ONNX graph not found: {path}")
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactMismatch(f"{path} is not a valid ONNX graph: {first}") from None
+
+
+def _count_ops(path: Path, op_type: str) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(1 for n in model.graph.node if n.op_type == op_type)
+
+
+def export_onnx(
+    loaded: Any,
+    output_dir: str | Path,
+    *,
+    mode: str = "static",
+    plan: Any = None,
+    routed: Any = None,
+    dtype: str | torch.dtype = "float32",
+    opset: int = DEFAULT_OPSET,
+    save_tokenizer: bool = True,
+) -> Path:
+    """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
+
+    ``mode="static"``: the frozen ``plan`` (a ``SkipPlan``; ``None`` exports the whole model) decides which
+    sub-blocks exist. ``mode="gated"``: ``routed`` (a ``RoutedModel`` with sequence-level routers on this model)
+    puts each routed sub-block in an ``If``; a ``plan`` may also be given, and its skipped sub-blocks are left out.
+    """
+    if mode not in MODES:
+        raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if int(opset) not in OPSETS:
+        raise DataError(f"opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
+    dtype_name, torch_dtype = _canonical_dtype(dtype)
+    model = loaded.model
+    config = model.config
+    if plan is not None:
+        plan.check_model(loaded.fingerprint)
+        if plan.num_layers != config.num_hidden_layers:
+            raise ArtifactMismatch(f"the plan is for {plan.num_layers} layers, the model has {config.num_hidden_layers}")
+    routers: dict[int, torch.Tensor] | None = None
+    routed_layers: list[int] = []
+    routed_target = "attn"
+    threshold = 0.5
+    if mode == "gated":
+        if routed is None:
+            raise DataError("gated export needs routers (a router folder or a RoutedModel)")
+        routed.config.check_model(loaded.fingerprint)
+        if routed.config.granularity != "sequence":
+            raise ArtifactMismatch(
+                "gated export needs sequence-level routers: token-level decisions change at every step and would "
+                "need a device-side condition per If"
+            )
+        if routed.base_model is not model:
+            raise ArtifactMismatch("the RoutedModel wraps a different model object than the one being exported")
+        routers = {int(k): r.proj.weight for k, r in routed.routers.items()}
+        routed_layers = list(routed.layers)
+        routed_target = routed.config.target
+        threshold = float(routed.state.threshold)
+        if plan is not None and plan.target not in (routed_target, "block"):
+            raise ArtifactMismatch(f"the plan drops {plan.target} sub-blocks but the routers gate {routed_target}")
+    elif routed is not None:
+        raise DataError("a static export takes a plan, not routers (make a plan from the routers first)")
+
+    spec = build_spec(
+        config,
+        loaded.adapter,
+        mode=mode,
+        skip=list(plan.skip) if plan is not None else [],
+        skip_target=plan.target if plan is not None else "attn",
+        routed_layers=routed_layers,
+        routed_target=routed_target,
+        threshold=threshold,
+    )
+    output_dir = Path(output_dir)
+    started = time.perf_counter()
+    with torch.no_grad():
+        graph = DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype)
+        device = next(graph.parameters()).device
+        example = _example_inputs(graph, device, torch_dtype)
+        with atomic_directory(output_dir) as staging, warnings.catch_warnings():
+            # the exporter's notes on dimension renaming and pytree deprecations are not for our users
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")
+            # torch.export first: handing the ExportedProgram to torch.onnx keeps it from renaming dynamic axes
+            # itself (it pairs them with inputs by position, which breaks on the scalar run_layer inputs); the
+            # axes get their names in _finish_graph
+            exported = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec), strict=False)
+            program = torch.onnx.export(
+                exported,
+                dynamo=True,
+                input_names=graph.input_names(),
+                output_names=graph.output_names(),
+                opset_version=int(opset),
+                external_data=True,
+                optimize=False,
+                verbose=False,
+            )
+            _name_transposed_weights(program.model)
+            program.optimize()
+            graph_path = staging / GRAPH_NAME
+            program.save(str(graph_path), external_data=True)
+            del program, exported
+            if not (staging / DATA_NAME).is_file():
+                raise ArtifactMismatch(f"the exporter wrote no {DATA_NAME} next to {GRAPH_NAME}")
+            gated_kv = [i for i in spec.kv_layers if spec.routes_attention(i)]
+            _finish_graph(graph_path, spec, {"rtexport.mode": mode, "rtexport.dtype": dtype_name,
+                                             "rtexport.fingerprint": loaded.fingerprint,
+                                             # layers whose attention sits in an If: their cache is dropped
+                                             # while no sequence runs them (read by runtime.OrtCausalLM)
+                                             "rtexport.gated_kv_layers": ",".join(map(str, gated_kv))})
+            check_graph(graph_path)
+            if_nodes = _count_ops(graph_path, "If")
+            if if_nodes != len(spec.routed_layers):
+                raise ArtifactMismatch(
+                    f"the exported graph holds {if_nodes} If nodes for {len(spec.routed_layers)} routed layers"
+                )
+            if save_tokenizer and loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(str(staging))
+            info = export_info(loaded, spec, graph, dtype_name, int(opset), plan, routed, staging)
+            info["export_seconds"] = round(time.perf_counter() - started, 1)
+            write_json_atomic(staging / INFO_NAME, info)
+            make_readable(staging)
+    return output_dir / GRAPH_NAME
+
+
+def export_info(loaded, spec: GraphSpec, graph: DecoderGraph, dtype_name: str, opset: int, plan, routed,
+                folder: Path) -> dict[str, Any]:
+    config = loaded.model.config
+    tok = loaded.tokenizer
+    eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None and tok is not None:
+        eos = tok.eos_token_id
+    return {
+        "format": INFO_FORMAT,
+        "mode": spec.mode,
+        "dtype": dtype_name,
+        "opset": opset,
+        "graph": GRAPH_NAME,
+        "external_data": DATA_NAME,
+        "files": {
+            GRAPH_NAME: {"bytes": (folder / GRAPH_NAME).stat().st_size, "sha256": file_sha256(folder / GRAPH_NAME)},
+            DATA_NAME: {"bytes": (folder / DATA_NAME).stat().st_size},
+        },
+        "spec": spec.to_dict(),
+        "inputs": graph.input_names(),
+        "outputs": graph.output_names(),
+        "model": {
+            "model_type": getattr(config, "model_type", None),
+            "source": loaded.source.to_dict(),
+            "fingerprint": loaded.fingerprint,
+            "num_hidden_layers": int(config.num_hidden_layers),
+            "hidden_size": int(config.hidden_size),
+            "num_attention_heads": graph.num_heads,
+            "num_key_value_heads": graph.num_kv_heads,
+            "head_dim": graph.head_dim,
+            "vocab_size": int(graph.embed_tokens.weight.shape[0]),
+            "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+            "bos_token_id": getattr(config, "bos_token_id", None),
+            "eos_token_id": eos,
+            "pad_token_id": (tok.pad_token_id if tok is not None else None) or getattr(config, "pad_token_id", None),
+        },
+        "plan": plan.to_dict() if plan is not None else None,
+        "routers": (
+            {"layers": list(routed.layers), "target": routed.config.target, "threshold": float(routed.state.threshold),
+             "base_model": routed.config.base_model}
+            if routed is not None else None
+        ),
+        "tokenizer": bool(tok is not None),
+        "versions": _versions(),
+    }
+
+
+def load_export_info(folder: str | Path) -> dict[str, Any]:
+    """Read and check ``export_info.json`` and the files it names (by path; the weights are not loaded)."""
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    path = folder / INFO_NAME
+    if not path.is_file():
+        raise ArtifactMismatch(f"{folder} holds no {INFO_NAME}: not an rtexport ONNX export")
+    info = read_json(path)
+    if info.get("format") != INFO_FORMAT:
+        raise ArtifactMismatch(f"{path} has format {info.get('format')!r}, expected {INFO_FORMAT}")
+    for name, meta in info.get("files", {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise ArtifactMismatch(f"{folder} is incomplete: {name} is missing")
+        if "bytes" in meta and f.stat().st_size != meta["bytes"]:
+            raise ArtifactMismatch(f"{f} has {f.stat().st_size} bytes, export_info.json says {meta['bytes']}")
+    return info

@@ -1,0 +1,440 @@
+"""An export-friendly functional decoder built from a Hugging Face causal LM's weights.
+
+``DecoderGraph`` recomputes the model's forward from the parts the ``ArchitectureAdapter`` names (embedding,
+per-layer norms, q/k/v/o projections with their biases and q/k norms, the MLP module, final norm, LM head, rotary
+embedding), with the KV cache passed as flat tensors of shape ``(batch, kv_heads, past, head_dim)`` and an explicit
+attention that builds its additive mask from ``attention_mask`` (left or right padding) and the cache positions.
+
+Two layouts (``GraphSpec``):
+
+* static: only the sub-blocks a ``SkipPlan`` keeps exist; a layer without attention has no KV input or output.
+* gated: each routed sub-block sits in a ``torch.cond`` (an ONNX ``If``) whose condition is the graph input
+  ``run_layer.{i}``; inside the taken branch the per-sequence decision (computed by the router at prefill, read from
+  ``routing_decisions`` afterwards) masks the sub-block's output per sequence. See ``README-gated.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ArtifactMismatch, UnsupportedArchitecture
+from ..models.adapters import ArchitectureAdapter
+
+MODES = ("static", "gated")
+TARGETS = ("attn", "mlp", "block")
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Which parts of which layers the exported graph contains, and which of them are routed."""
+
+    mode: str
+    num_layers: int
+    attention_layers: tuple[int, ...]
+    mlp_layers: tuple[int, ...]
+    routed_layers: tuple[int, ...] = ()
+    target: str = "attn"
+    threshold: float = 0.5
+    sliding_windows: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ArtifactMismatch(f"export mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.target not in TARGETS:
+            raise ArtifactMismatch(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.mode == "static" and self.routed_layers:
+            raise ArtifactMismatch("a static graph has no routed layers")
+        for i in self.routed_layers:
+            needs = {"attn": [self.attention_layers], "mlp": [self.mlp_layers],
+                     "block": [self.attention_layers, self.mlp_layers]}[self.target]
+            if any(i not in group for group in needs):
+                raise ArtifactMismatch(f"layer {i} is routed but its {self.target} sub-block is not in the graph")
+
+    # KV layout: every layer with attention has one past/present pair, named by its index in the original model
+    @property
+    def kv_layers(self) -> list[int]:
+        return sorted(self.attention_layers)
+
+    def routes_attention(self, layer: int) -> bool:
+        return layer in self.routed_layers and self.target in ("attn", "block")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sliding_windows"] = {str(k): v for k, v in self.sliding_windows.items()}
+        d["kv_layers"] = self.kv_layers
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
+        return cls(
+            mode=d["mode"],
+            num_layers=int(d["num_layers"]),
+            attention_layers=tuple(int(i) for i in d["attention_layers"]),
+            mlp_layers=tuple(int(i) for i in d["mlp_layers"]),
+            routed_layers=tuple(int(i) for i in d.get("routed_layers", ())),
+            target=d.get("target", "attn"),
+            threshold=float(d.get("threshold", 0.5)),
+            sliding_windows={int(k): int(v) for k, v in d.get("sliding_windows", {}).items()},
+        )
+
+
+def build_spec(
+    config: Any,
+    adapter: ArchitectureAdapter,
+    *,
+    mode: str,
+    skip: list[int] | None = None,
+    skip_target: str = "attn",
+    routed_layers: list[int] | None = None,
+    routed_target: str = "attn",
+    threshold: float = 0.5,
+) -> GraphSpec:
+    """The graph layout for a model: ``skip`` sub-blocks of kind ``skip_target`` are left out; in gated mode the
+    ``routed_layers`` sub-blocks of kind ``routed_target`` go in an ``If`` each."""
+    n = int(config.num_hidden_layers)
+    skip = sorted(set(int(i) for i in (skip or [])))
+    attn = [i for i in range(n) if not (skip_target in ("attn", "block") and i in skip)]
+    mlp = [i for i in range(n) if not (skip_target in ("mlp", "block") and i in skip)]
+    routed: list[int] = []
+    target = skip_target
+    if mode == "gated":
+        target = routed_target
+        removed = set(skip) if skip_target in (routed_target, "block") else set()
+        routed = [int(i) for i in (routed_layers or []) if int(i) not in removed]
+        if not routed:
+            raise ArtifactMismatch("gated export needs routers on at least one layer that the plan keeps")
+    windows = {i: w for i in range(n) if (w := adapter.sliding_window(config, i))}
+    return GraphSpec(
+        mode=mode,
+        num_layers=n,
+        attention_layers=tuple(attn),
+        mlp_layers=tuple(mlp),
+        routed_layers=tuple(sorted(routed)),
+        target=target,
+        threshold=float(threshold),
+        sliding_windows=windows,
+    )
+
+
+class _Layer(nn.Module):
+    """The parts of one decoder layer that the graph uses (references to the HF modules, not copies)."""
+
+    def __init__(self, layer: nn.Module, adapter: ArchitectureAdapter, has_attn: bool, has_mlp: bool):
+        super().__init__()
+        self.has_attn = has_attn
+        self.has_mlp = has_mlp
+        if has_attn:
+            attn = adapter.attention(layer)
+            self.attn_norm = adapter.attention_norm(layer)
+            q, k, v, o = (getattr(attn, name) for name in adapter.attn_projections)
+            self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
+            if adapter.qk_norm:
+                self.q_norm = getattr(attn, adapter.qk_norm_names[0])
+                self.k_norm = getattr(attn, adapter.qk_norm_names[1])
+            self.scaling = float(getattr(attn, "scaling", 0.0)) or None
+        if has_mlp:
+            self.mlp_norm = adapter.feed_forward_norm(layer)
+            self.mlp = adapter.feed_forward(layer)
+        self.router: nn.Linear | None = None
+
+
+def _masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    m = padding_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+class DecoderGraph(nn.Module):
+    """The model as ONNX will see it. Inputs and outputs, in order:
+
+    ``input_ids`` (B,T) int64, ``attention_mask`` (B,P+T) int64, ``position_ids`` (B,T) int64,
+    ``past_key_values.{i}.key|value`` (B,kv,P_i,d) for each layer ``i`` with attention,
+    gated only: ``routing_decisions`` (B,R) bool and ``run_layer.{i}`` () bool for each routed layer ``i``
+    → ``logits`` (B,T,V), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, and ``last_logits``
+    (B,V), the last position's logits.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ArchitectureAdapter,
+        spec: GraphSpec,
+        routers: dict[int, torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        config = model.config
+        self.spec = spec
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
+        rotary = adapter.rotary_embedding(model)
+        rope_type = str(getattr(rotary, "rope_type", "default"))
+        if "dynamic" in rope_type:
+            raise UnsupportedArchitecture(
+                f"rotary embedding type {rope_type!r} changes with the sequence length; it cannot be exported"
+            )
+        self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        inv_freq = rotary.inv_freq.detach().to(torch.float32).clone()
+
+        decoder = adapter.decoder_layers(model)
+        layers = []
+        for i in range(spec.num_layers):
+            original = getattr(decoder[i], "layer", decoder[i])  # a RoutedDecoderLayer keeps the original in .layer
+            layers.append(_Layer(original, adapter, i in spec.attention_layers, i in spec.mlp_layers))
+        self.layers = nn.ModuleList(layers)
+        self.embed_tokens = adapter._get(model, adapter.embed_tokens)
+        self.norm = adapter._get(model, adapter.final_norm)
+        self.lm_head = adapter._get(model, adapter.lm_head)
+
+        if dtype is not None and any(p.dtype != dtype for p in self.parameters()):
+            # cast a copy: the caller's model stays as it is (deepcopy keeps tied weights tied)
+            cast = copy.deepcopy(nn.ModuleDict({"layers": self.layers, "embed_tokens": self.embed_tokens,
+                                                "norm": self.norm, "lm_head": self.lm_head})).to(dtype)
+            self.layers, self.embed_tokens = cast["layers"], cast["embed_tokens"]
+            self.norm, self.lm_head = cast["norm"], cast["lm_head"]
+
+        # routers and the rotary frequencies stay in float32 (the routers score in float32, as in training)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for i in spec.routed_layers:
+            if routers is None or i not in routers:
+                raise ArtifactMismatch(f"layer {i} is routed but no router weights were given for it")
+            w = routers[i].detach().to(torch.float32).reshape(1, -1).clone()
+            lin = nn.Linear(w.shape[1], 1, bias=False, dtype=torch.float32, device=w.device)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            self.layers[i].router = lin
+        self.eval()
+
+    # ---- names -------------------------------------------------------------------------------------------------
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", "position_ids"]
+        for i in self.spec.kv_layers:
+            names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        if self.spec.mode == "gated":
+            names.append("routing_decisions")
+            names += [f"run_layer.{i}" for i in self.spec.routed_layers]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for i in self.spec.kv_layers:
+            names += [f"present.{i}.key", f"present.{i}.value"]
+        if self.spec.mode == "gated":
+            names.append("decisions")
+        names.append("last_logits")
+        return names
+
+    # ---- pieces ------------------------------------------------------------------------------------------------
+    def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].to(torch.float32) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None], sin[:, None]  # (B,1,T,d)
+
+    @staticmethod
+    def _additive_mask(attention_mask: torch.Tensor, seq_len: int, window: int | None) -> torch.Tensor:
+        """(B,1,T,S) float32: 0 where query t may attend key s (causal by cache position, key not padding)."""
+        total = attention_mask.shape[1]
+        past = total - seq_len
+        q_pos = torch.arange(seq_len, device=attention_mask.device) + past
+        k_pos = torch.arange(total, device=attention_mask.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        allowed = allowed[None, None] & (attention_mask[:, None, None, :] > 0)
+        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+        low = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=attention_mask.device)
+        return torch.where(allowed, zero, low)
+
+    @staticmethod
+    def _aligned_mask(attention_mask: torch.Tensor, seq_len: int, key_len: int, window: int | None) -> torch.Tensor:
+        """Like ``_additive_mask`` for ``key_len`` keys that are the last ``key_len`` cache positions.
+
+        Positions are computed as values (arange + offset, gather), so the exported graph keeps the layer's cache
+        length and the mask length as independent dimensions.
+        """
+        total = attention_mask.shape[1]
+        k_pos = torch.arange(key_len, device=attention_mask.device) + (total - key_len)
+        q_pos = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        index = k_pos[None, :].expand(attention_mask.shape[0], key_len)
+        real = torch.gather(attention_mask, 1, index) > 0
+        allowed = allowed[None, None] & real[:, None, None, :]
+        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+        low = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=attention_mask.device)
+        return torch.where(allowed, zero, low)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def _attention(
+        self,
+        layer: _Layer,
+        normed: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t = normed.shape[0], normed.shape[1]
+        d = self.head_dim
+        q = layer.q_proj(normed).view(b, t, -1, d)
+        k = layer.k_proj(normed).view(b, t, -1, d)
+        v = layer.v_proj(normed).view(b, t, -1, d)
+        if hasattr(layer, "q_norm"):
+            q = layer.q_norm(q)
+            k = layer.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q * cos + self._rotate_half(q) * sin
+        k = k * cos + self._rotate_half(k) * sin
+        keys = torch.cat([past_k, k], dim=2)
+        values = torch.cat([past_v, v], dim=2)
+        groups = self.num_heads // self.num_kv_heads
+        kk, vv = keys, values
+        if groups > 1:
+            s = keys.shape[2]
+            kk = keys[:, :, None].expand(b, self.num_kv_heads, groups, s, d).reshape(b, self.num_heads, s, d)
+            vv = values[:, :, None].expand(b, self.num_kv_heads, groups, s, d).reshape(b, self.num_heads, s, d)
+        scaling = layer.scaling if layer.scaling is not None else d**-0.5
+        scores = torch.matmul(q, kk.transpose(2, 3)).to(torch.float32) * scaling + mask
+        probs = torch.softmax(scores, dim=-1)
+        if probs.dtype != q.dtype:
+            probs = probs.to(q.dtype)
+        out = torch.matmul(probs, vv).transpose(1, 2).reshape(b, t, self.num_heads * d)
+        return layer.o_proj(out), keys, values
+
+    @staticmethod
+    def _unused_present(pk: torch.Tensor, pv: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a skipped layer returns as its present: zeros shaped like the taken branch's (past + T).
+
+        Both branches of an ``If`` give the same shapes (the exporter needs that); the caller drops these and feeds
+        an empty past to the layer while it stays skipped, so at decode they are a few zeros per step.
+        """
+        b, h, p, d = pk.shape
+        return pk.new_zeros(b, h, p + t, d), pv.new_zeros(b, h, p + t, d)
+
+    @staticmethod
+    def _router_decision(
+        layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float,
+        given: torch.Tensor, is_prefill: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B,) bool: the router's decision at prefill, the held decision (``given``) afterwards.
+
+        ``attention_mask`` is the (B, P+T) mask; the router pools over the real tokens of this step's positions.
+        """
+        pad = attention_mask[:, attention_mask.shape[1] - normed.shape[1]:]
+        pooled = _masked_mean(normed.to(torch.float32), pad)
+        score = torch.sigmoid((pooled @ layer.router.weight.t()).squeeze(-1))
+        # (ONNX Runtime has no bool Where kernel: select with logical ops)
+        return (is_prefill & (score >= threshold)) | (~is_prefill & given)
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        past_key_values: list[torch.Tensor],
+        routing_decisions: torch.Tensor | None = None,
+        run_layer: list[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        spec = self.spec
+        gated = spec.mode == "gated"
+        x = self.embed_tokens(input_ids)
+        t = input_ids.shape[1]
+        cos, sin = self._rotary(position_ids, x.dtype)
+        masks = {w: self._additive_mask(attention_mask, t, w) for w in {None, *spec.sliding_windows.values()}}
+        past = {i: (past_key_values[2 * j], past_key_values[2 * j + 1]) for j, i in enumerate(spec.kv_layers)}
+        presents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        decisions: list[torch.Tensor] = []
+        if gated:
+            past_len = attention_mask.shape[1] - t
+            is_prefill = (torch.zeros((), dtype=torch.int64, device=x.device) + past_len) == 0
+
+        for i, layer in enumerate(self.layers):
+            mask = masks[spec.sliding_windows.get(i)]
+            routed = gated and i in spec.routed_layers
+            if routed:
+                r = spec.routed_layers.index(i)
+                given = routing_decisions[:, r]
+                x, kv, dec = self._routed_layer(i, layer, x, past.get(i), cos, sin, mask, attention_mask,
+                                                given, is_prefill, run_layer[r])
+                decisions.append(dec)
+                if kv is not None:
+                    presents[i] = kv
+                continue
+            if layer.has_attn:
+                out, k, v = self._attention(layer, layer.attn_norm(x), *past[i], cos, sin, mask)
+                presents[i] = (k, v)
+                x = x + out
+            if layer.has_mlp:
+                x = x + layer.mlp(layer.mlp_norm(x))
+
+        logits = self.lm_head(self.norm(x))
+        outputs: list[torch.Tensor] = [logits]
+        for i in spec.kv_layers:
+            outputs += list(presents[i])
+        if gated:
+            outputs.append(torch.stack(decisions, dim=1))
+        # the last position's logits, sliced from ``logits``: a generate loop binds only this output and so never
+        # copies the prompt's (B, T, vocab) logits off the device
+        outputs.append(logits[:, -1].clone())
+        return tuple(outputs)
+
+    def _routed_layer(self, i, layer, x, kv, cos, sin, mask, attention_mask, given, is_prefill, run):
+        """One routed sub-block in a ``torch.cond`` on ``run`` (the host-side ``run_layer.{i}`` input).
+
+        The router's decision and the layer's own attention mask are computed before the ``If`` (a few small ops
+        on (B, T, H)); the branches hold only the sub-block, which keeps the traced subgraphs small.
+        """
+        spec = self.spec
+        t = x.shape[1]
+        if spec.target == "mlp":
+            if layer.has_attn:
+                out, k, v = self._attention(layer, layer.attn_norm(x), *kv, cos, sin, mask)
+                x = x + out
+                kv = (k, v)
+            normed = layer.mlp_norm(x)
+            dec = self._router_decision(layer, normed, attention_mask, spec.threshold, given, is_prefill)
+
+            def taken(x, normed, dec):
+                return torch.where(dec[:, None, None], x + layer.mlp(normed), x), dec.clone()
+
+            def skipped(x, normed, dec):
+                return x.clone(), torch.zeros_like(dec)
+
+            x, dec = torch.cond(run, taken, skipped, (x, normed, dec))
+            return x, (kv if layer.has_attn else None), dec
+
+        normed = layer.attn_norm(x)
+        dec = self._router_decision(layer, normed, attention_mask, spec.threshold, given, is_prefill)
+        # the layer's cache has its own length (empty while the layer is skipped): its mask is built for it
+        own_mask = self._aligned_mask(attention_mask, t, kv[0].shape[2] + t, spec.sliding_windows.get(i))
+        whole_block = spec.target == "block"
+
+        def taken(x, normed, pk, pv, dec, cos, sin, own_mask):
+            out, k, v = self._attention(layer, normed, pk, pv, cos, sin, own_mask)
+            h = x + out
+            if whole_block:
+                h = h + layer.mlp(layer.mlp_norm(h))
+            return torch.where(dec[:, None, None], h, x), k, v, dec.clone()
+
+        def skipped(x, normed, pk, pv, dec, cos, sin, own_mask):
+            k, v = self._unused_present(pk, pv, x.shape[1])
+            return x.clone(), k, v, torch.zeros_like(dec)
+
+        x, k, v, dec = torch.cond(run, taken, skipped, (x, normed, kv[0], kv[1], dec, cos, sin, own_mask))
+        if not whole_block and layer.has_mlp:
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return x, (k, v), dec

@@ -1,0 +1,264 @@
+"""Run an exported graph with ONNX Runtime: one forward step, and a greedy generate loop over the KV cache.
+
+This module imports only numpy and onnxruntime: its source is copied into every ``ort-gpu`` package as the body of
+the runner script, for people who never install rtexport. Everything it needs is read from the graph's own input
+and output names:
+
+* ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``: the layers ``i`` that keep a KV cache (a static
+  graph has them only for the attention layers its plan kept);
+* ``routing_decisions`` + ``run_layer.{i}`` / ``decisions``: a gated graph. The router decides per sequence at
+  prefill (the graph computes the decisions; every ``run_layer.{i}`` is true then), the caller keeps the returned
+  ``decisions`` and feeds them back at every later step, with ``run_layer.{i}`` = any sequence of the batch runs
+  layer ``i`` (a host-side bool: ORT's ``If`` reads its condition on the host, so no device-to-host copy is needed).
+  A layer that no sequence runs gets an empty past and its present is dropped.
+
+On CUDAExecutionProvider the loop uses IO binding: the cache and the decisions stay on the device between steps;
+only the next tokens go up and the last position's logits come down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available] or available
+
+
+def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarray:
+    """Positions that count only real tokens (left padding starts each sequence at 0), last ``seq_len`` columns."""
+    pos = np.cumsum(attention_mask.astype(np.int64), axis=1) - 1
+    pos = np.where(attention_mask > 0, pos, 0)
+    return np.ascontiguousarray(pos[:, -seq_len:]).astype(np.int64)
+
+
+@dataclass
+class Cache:
+    """What a later step needs: the KV per layer (numpy arrays or OrtValues) and, for gated graphs, the decisions."""
+
+    past: dict[int, tuple[Any, Any]]
+    length: int
+    decisions: np.ndarray | None = None  # (B, R) bool on the host, fixed at prefill
+    decisions_value: Any = None  # the same decisions as the graph returned them (an OrtValue when IO-binding)
+    active: dict[int, bool] = field(default_factory=dict)  # routed layer -> any sequence runs it
+
+
+@dataclass
+class StepOutput:
+    logits: np.ndarray  # (B, T, V), or (B, 1, V) when only the last position was asked for
+    cache: Cache
+
+
+class OrtCausalLM:
+    """An exported causal LM under ONNX Runtime (static or gated graph)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: list[Any] | None = None,
+        io_binding: bool | None = None,
+        session_options: Any = None,
+    ):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.onnx"
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX graph not found: {path}")
+        self.path = path
+        self.providers = providers or default_providers()
+        self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
+        active = self.session.get_providers()
+        self.device_type = "cuda" if "CUDAExecutionProvider" in active else "cpu"
+        self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
+        self._ort = ort
+
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.input_names = list(inputs)
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.kv_layers = sorted(
+            int(n.split(".")[1]) for n in inputs if n.startswith("past_key_values.") and n.endswith(".key")
+        )
+        self.routed_layers = sorted(int(n.split(".")[1]) for n in inputs if n.startswith("run_layer."))
+        self.gated = "routing_decisions" in inputs
+        # routed layers whose attention is inside the If (target attn or block): no cache while no sequence runs
+        # them. The export writes them in the metadata; graphs without it name those layers' past length apart.
+        meta = self.session.get_modelmeta().custom_metadata_map or {}
+        if "rtexport.gated_kv_layers" in meta:
+            self.gated_kv_layers = [int(i) for i in meta["rtexport.gated_kv_layers"].split(",") if i.strip()]
+        else:
+            self.gated_kv_layers = [
+                i for i in self.routed_layers
+                if f"past_key_values.{i}.key" in inputs
+                and inputs[f"past_key_values.{i}.key"].shape[2] == f"past_sequence_length_{i}"
+            ]
+        if self.kv_layers:
+            first = inputs[f"past_key_values.{self.kv_layers[0]}.key"]
+            self.kv_dtype = _ORT_TO_NUMPY[first.type]
+            self.num_kv_heads = int(first.shape[1])
+            self.head_dim = int(first.shape[3])
+        else:
+            self.kv_dtype, self.num_kv_heads, self.head_dim = np.float32, 0, 0
+        self.mask_dtype = _ORT_TO_NUMPY[inputs["attention_mask"].type]
+        self.position_dtype = _ORT_TO_NUMPY[inputs["position_ids"].type] if "position_ids" in inputs else None
+
+    # ---- cache -------------------------------------------------------------------------------------------------
+    def _empty(self, batch: int) -> Any:
+        arr = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
+        return self._to_device(arr)
+
+    def _to_device(self, arr: np.ndarray) -> Any:
+        if not self.io_binding:
+            return arr
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device_type, 0)
+
+    def empty_cache(self, batch: int) -> Cache:
+        empty = self._empty(batch)
+        return Cache(past={i: (empty, empty) for i in self.kv_layers}, length=0)
+
+    def run_flags(self, cache: Cache) -> dict[int, bool]:
+        """``run_layer.{i}`` for the next step: all true at prefill, else any sequence of the batch runs ``i``."""
+        if cache.decisions is None:
+            return {i: True for i in self.routed_layers}
+        return {i: bool(cache.decisions[:, r].any()) for r, i in enumerate(self.routed_layers)}
+
+    # ---- one step ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray | None = None,
+        cache: Cache | None = None,
+        last_only: bool = False,
+    ) -> StepOutput:
+        """Run ``input_ids`` (B,T) after ``cache`` (None: an empty cache, i.e. prefill).
+
+        ``attention_mask`` covers the cache and the new tokens: (B, cache.length + T). ``last_only``: return only
+        the last position's logits (B, 1, V), read from the graph's ``last_logits`` output, so that the full
+        (B, T, V) logits stay where they were computed.
+        """
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        b, t = input_ids.shape
+        cache = cache or self.empty_cache(b)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=self.mask_dtype)
+        if attention_mask.shape != (b, cache.length + t):
+            raise ValueError(
+                f"attention_mask must be (batch, past + new) = {(b, cache.length + t)}, got {attention_mask.shape}"
+            )
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, t)
+        feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.position_dtype is not None:
+            feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=self.position_dtype)
+        for i in self.kv_layers:
+            k, v = cache.past[i]
+            feeds[f"past_key_values.{i}.key"] = k
+            feeds[f"past_key_values.{i}.value"] = v
+        host: dict[str, np.ndarray] = {}
+        flags = self.run_flags(cache)
+        if self.gated:
+            if cache.decisions_value is None:  # prefill: the graph decides; this input is not read
+                feeds["routing_decisions"] = np.ones((b, len(self.routed_layers)), dtype=np.bool_)
+            else:
+                feeds["routing_decisions"] = cache.decisions_value
+            for i in self.routed_layers:
+                host[f"run_layer.{i}"] = np.array(flags[i], dtype=np.bool_)
+
+        wanted = [n for n in self.output_names if n not in ("logits", "last_logits")]
+        use_last = last_only and "last_logits" in self.output_names
+        wanted.append("last_logits" if use_last else "logits")
+        if self.io_binding:
+            outputs = self._run_io_binding(feeds, host, wanted)
+        else:
+            outputs = self._run_plain(feeds, host, wanted)
+        if use_last:
+            logits = _host(outputs["last_logits"])[:, None]
+        else:
+            logits = _host(outputs["logits"])
+            if last_only:
+                logits = logits[:, -1:]
+
+        decisions, decisions_value = cache.decisions, cache.decisions_value
+        if self.gated and cache.decisions is None:
+            decisions_value = outputs["decisions"]
+            decisions = _host(decisions_value).astype(np.bool_)
+        new = Cache(past={}, length=cache.length + t, decisions=decisions, decisions_value=decisions_value)
+        if self.gated:
+            new.active = {i: bool(decisions[:, r].any()) for r, i in enumerate(self.routed_layers)}
+        empty = None
+        for i in self.kv_layers:
+            if i in self.gated_kv_layers and not new.active[i]:
+                # no sequence runs this layer from now on: it keeps no cache
+                empty = empty if empty is not None else self._empty(b)
+                new.past[i] = (empty, empty)
+            else:
+                new.past[i] = (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"])
+        return StepOutput(logits=logits, cache=new)
+
+    def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
+        values = self.session.run(wanted, {**feeds, **host})
+        return dict(zip(wanted, values))
+
+    def _run_io_binding(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device_type, 0)
+            binding.bind_ortvalue_input(name, value)
+        for name, value in host.items():
+            binding.bind_cpu_input(name, value)  # the If conditions: host memory, as ORT's CUDA If reads them
+        for name in wanted:  # outputs not bound (the full logits in a generate loop) never leave the device
+            binding.bind_output(name, self.device_type, 0)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(wanted, binding.get_outputs()))
+
+    # ---- generation --------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> np.ndarray:
+        """Greedy decoding. Returns the new tokens (B, n); after a sequence's EOS it gets ``pad_token_id``."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if attention_mask is None:
+            attention_mask = np.ones_like(input_ids)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        b = input_ids.shape[0]
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+        done = np.zeros(b, dtype=bool)
+        out: list[np.ndarray] = []
+        step = self.forward(input_ids, attention_mask, cache=None, last_only=True)
+        for n in range(max_new_tokens):
+            token = step.logits[:, -1].astype(np.float32).argmax(-1).astype(np.int64)
+            token = np.where(done, pad, token)
+            out.append(token)
+            done |= np.isin(token, list(eos)) if eos else False
+            if n == max_new_tokens - 1 or done.all():
+                break
+            attention_mask = np.concatenate([attention_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+            step = self.forward(token[:, None], attention_mask, cache=step.cache, last_only=True)
+        return np.stack(out, axis=1) if out else np.zeros((b, 0), dtype=np.int64)
+
+
+def _host(value: Any) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()

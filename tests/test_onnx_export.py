@@ -1,0 +1,280 @@
+"""Stage: ONNX export. Static and gated graphs of tiny random Llama and Qwen2 models against PyTorch under ONNX
+Runtime (CPU): graph layout, logits parity over real tokens with padding and with a cache, greedy decoding."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import build_model
+from onnx_cases import NUM_LAYERS, ROUTED_LAYERS, STATIC_SKIP, exported, random_sequences, reference
+
+from rtexport.errors import ArtifactMismatch, DataError
+from rtexport.evaluation.parity import _cache_kwarg, _returned_cache, left_pad, positions, torch_greedy
+from rtexport.models.loading import wrap_model
+from rtexport.onnx.export import check_graph, export_onnx, load_export_info
+from rtexport.onnx.runtime import OrtCausalLM
+from rtexport.planning import SkipPlan
+from rtexport.routing import RoutedModel
+
+ARCHS = ("llama", "qwen2")
+ATOL = 1e-4
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def torch_step(model, ids, mask, cache=None):
+    pos = positions(mask)[:, -ids.shape[1]:]
+    kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
+    return out.logits.float(), _returned_cache(out)
+
+
+def right_pad(seqs, pad_id=0):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def max_diff_real(a, b, mask):
+    return float((torch.as_tensor(a).float() - b.float()).abs()[mask > 0].max())
+
+
+@torch.no_grad()
+def decisions_alone(case, seq):
+    """The routers' decisions for one sequence on its own, or None when a score is too close to the threshold."""
+    case.model(input_ids=torch.tensor([seq]))
+    scores = case.routed.state.scores
+    if any(abs(float(scores[i]) - 0.5) < 0.05 for i in ROUTED_LAYERS):
+        return None
+    return tuple(bool(float(scores[i]) >= 0.5) for i in ROUTED_LAYERS)
+
+
+def branch_inputs(case):
+    """Sequences whose decisions differ: enough to take both branches of each If, alone and in one batch."""
+    by_pattern = {}
+    for seq in random_sequences(60, seed=5):
+        d = decisions_alone(case, seq)
+        if d is not None:
+            by_pattern.setdefault(d, []).append(seq)
+    return by_pattern
+
+
+# ---- layout ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_graph_holds_kv_only_for_kept_attention(arch):
+    case = exported(arch, "static")
+    path = case.onnx_dir / "model.onnx"
+    check_graph(path)  # by path: the weights live in model.onnx.data
+    assert (case.onnx_dir / "model.onnx.data").stat().st_size > 0
+    info = load_export_info(case.onnx_dir)
+    assert info["mode"] == "static" and info["spec"]["kv_layers"] == [0, 3]
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    outputs = [o.name for o in model.graph.output]
+    kept = [i for i in range(NUM_LAYERS) if i not in STATIC_SKIP]
+    assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
+        f"past_key_values.{i}.{kind}" for i in kept for kind in ("key", "value")
+    ]
+    assert outputs == ["logits"] + [f"present.{i}.{kind}" for i in kept for kind in ("key", "value")] + ["last_logits"]
+    assert not [n for n in model.graph.node if n.op_type == "If"]
+    # weights keep their parameter names: the kept layers' attention is there, the skipped layers' is not
+    names = {t.name for t in model.graph.initializer}
+    for i in range(NUM_LAYERS):
+        assert (f"layers.{i}.q_proj.weight.T" in names) == (i not in STATIC_SKIP)
+        assert f"layers.{i}.mlp.down_proj.weight.T" in names
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gated_graph_has_one_if_per_routed_block_on_host_inputs(arch):
+    case = exported(arch, "gated")
+    model = onnx.load(str(case.onnx_dir / "model.onnx"), load_external_data=False)
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == len(ROUTED_LAYERS)
+    # each If's condition is a graph input (host-side), never a value computed on the device
+    assert sorted(n.input[0] for n in ifs) == [f"run_layer.{i}" for i in ROUTED_LAYERS]
+    inputs = {i.name: i for i in model.graph.input}
+    for i in ROUTED_LAYERS:
+        t = inputs[f"run_layer.{i}"].type.tensor_type
+        assert t.elem_type == onnx.TensorProto.BOOL and len(t.shape.dim) == 0
+    assert all(f"past_key_values.{i}.key" in inputs for i in range(NUM_LAYERS))
+    assert "routing_decisions" in inputs and [o.name for o in model.graph.output][-2:] == ["decisions", "last_logits"]
+
+
+# ---- parity ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_parity_padding_and_cache(arch):
+    case = exported(arch, "static")
+    ort_model = OrtCausalLM(case.onnx_dir)
+    seqs = random_sequences(4, seed=11, lo=4, hi=10)
+    with reference(case) as model:
+        for batch in (left_pad(seqs[:1]), left_pad(seqs[1:4]), right_pad(seqs[1:4])):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            ref, _ = torch_step(model, ids, mask)
+            out = ort_model.forward(ids.numpy(), mask.numpy())
+            assert max_diff_real(out.logits, ref, mask) <= ATOL
+        # past > 0: a left-padded prefill, then three more tokens through the cache
+        batch = left_pad(seqs[1:4])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        more = torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(3))
+        full_mask = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], dim=1)
+        _, cache = torch_step(model, ids, mask)
+        ref, _ = torch_step(model, more, full_mask, cache)
+        step = ort_model.forward(ids.numpy(), mask.numpy())
+        assert step.cache.length == ids.shape[1]
+        assert set(step.cache.past) == {0, 3}
+        out = ort_model.forward(more.numpy(), full_mask.numpy(), cache=step.cache)
+        assert max_diff_real(out.logits, ref, torch.ones(3, 3)) <= ATOL
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gated_parity_takes_each_branch(arch):
+    case = exported(arch, "gated")
+    ort_model = OrtCausalLM(case.onnx_dir)
+    patterns = branch_inputs(case)
+    mixed = [patterns[p][0] for p in sorted(patterns)][:3]
+    assert len(mixed) == 3, f"test inputs do not cover enough decision patterns: {sorted(patterns)}"
+    # batch 1 for every pattern (a layer skipped alone takes the else branch), then one mixed batch of 3
+    batches = [left_pad([patterns[p][0]]) for p in sorted(patterns)] + [left_pad(mixed)]
+    taken = {"skip_all": 0, "masked": 0, "run_all": 0}
+    model = case.model
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        b = ids.shape[0]
+        more = torch.randint(0, 256, (b, 2), generator=torch.Generator().manual_seed(b))
+        full_mask = torch.cat([mask, torch.ones(b, 2, dtype=torch.long)], dim=1)
+        ref, cache = torch_step(model, ids, mask)
+        ref_dec = case.routed.decisions()
+        ref2, _ = torch_step(model, more, full_mask, cache)
+
+        step = ort_model.forward(ids.numpy(), mask.numpy())
+        assert max_diff_real(step.logits, ref, mask) <= ATOL
+        for r, i in enumerate(ROUTED_LAYERS):
+            assert step.cache.decisions[:, r].tolist() == ref_dec[i].tolist()
+            d = step.cache.decisions[:, r]
+            taken["run_all" if d.all() else "skip_all" if not d.any() else "masked"] += 1
+            # a layer no sequence runs keeps no cache
+            assert step.cache.past[i][0].shape[2] == (ids.shape[1] if d.any() else 0)
+        out = ort_model.forward(more.numpy(), full_mask.numpy(), cache=step.cache)
+        assert max_diff_real(out.logits, ref2, torch.ones(b, 2)) <= ATOL
+    assert all(taken.values()), f"not every branch was exercised: {taken}"
+
+
+@pytest.mark.parametrize("arch,mode", [("llama", "static"), ("llama", "gated"), ("qwen2", "gated")])
+def test_greedy_decoding_through_kv_cache_matches_torch(arch, mode):
+    case = exported(arch, mode)
+    if mode == "gated":
+        patterns = branch_inputs(case)
+        seqs = [patterns[p][0] for p in sorted(patterns)][:3]
+    else:
+        seqs = random_sequences(3, seed=21, lo=3, hi=8)
+    batch = left_pad(seqs)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with reference(case) as model:
+        expected = torch_greedy(model, ids, mask, steps=16)
+    for io_binding in (False, True):
+        ort_model = OrtCausalLM(case.onnx_dir, io_binding=io_binding)
+        tokens = ort_model.generate(ids.numpy(), mask.numpy(), max_new_tokens=16)
+        assert tokens.shape == (3, 16)
+        assert tokens.tolist() == expected.tolist()
+
+
+def test_float16_export_types_and_closeness(tmp_path):
+    model = build_model("llama", num_hidden_layers=2, seed=3)
+    loaded = wrap_model(model, model_id="tiny-fp16")
+    path = export_onnx(loaded, tmp_path / "fp16", mode="static", dtype="float16", opset=18)
+    graph = onnx.load(str(path), load_external_data=False)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.graph.input) + list(graph.graph.output)}
+    assert types["past_key_values.0.key"] == onnx.TensorProto.FLOAT16
+    assert types["logits"] == onnx.TensorProto.FLOAT16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's model is not cast
+    assert load_export_info(tmp_path / "fp16")["dtype"] == "float16"
+    ort_model = OrtCausalLM(path)
+    batch = left_pad(random_sequences(2, seed=4))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ref, _ = torch_step(model, ids, mask)
+    out = ort_model.forward(ids.numpy(), mask.numpy())
+    assert out.logits.dtype == np.float16
+    scale = float(ref.abs().max())
+    assert max_diff_real(out.logits, ref, mask) <= 0.02 * scale
+
+
+def test_export_refuses_what_it_cannot_export(tmp_path):
+    model = build_model("llama", num_hidden_layers=2)
+    loaded = wrap_model(model)
+    with pytest.raises(DataError, match="needs routers"):
+        export_onnx(loaded, tmp_path / "a", mode="gated")
+    with pytest.raises(DataError, match="mode"):
+        export_onnx(loaded, tmp_path / "a", mode="dynamic")
+    with pytest.raises(DataError, match="float32 and float16"):
+        export_onnx(loaded, tmp_path / "a", dtype="bfloat16")
+    with pytest.raises(DataError, match="opset"):
+        export_onnx(loaded, tmp_path / "a", opset=9)
+    plan = SkipPlan(base_model="other", fingerprint="0" * 16, num_layers=2, target="attn", method="manual", skip=[1])
+    with pytest.raises(ArtifactMismatch, match="fingerprint"):
+        export_onnx(loaded, tmp_path / "a", plan=plan)
+    routed = RoutedModel.from_model(model, layers=[0], granularity="token")
+    with pytest.raises(ArtifactMismatch, match="sequence-level"):
+        export_onnx(loaded, tmp_path / "a", mode="gated", routed=routed)
+    routed.unwrap()
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_other_architectures_export_with_parity(arch, tmp_path):
+    """Mistral (sliding-window config) and Qwen3 (q/k norms): a whole 2-layer model, padded batch, cache."""
+    model = build_model(arch, num_hidden_layers=2, seed=2)
+    path = export_onnx(wrap_model(model), tmp_path / arch, mode="static")
+    ort_model = OrtCausalLM(path)
+    batch = left_pad(random_sequences(3, seed=9, lo=3, hi=9))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    ref, _ = torch_step(model, ids, mask)
+    out = ort_model.forward(ids.numpy(), mask.numpy())
+    assert max_diff_real(out.logits, ref, mask) <= ATOL
+    assert ort_model.generate(ids.numpy(), mask.numpy(), 8).tolist() == torch_greedy(model, ids, mask, 8).tolist()
+
+
+@pytest.mark.parametrize("mode,target", [("static", "mlp"), ("static", "block"), ("gated", "mlp"), ("gated", "block")])
+def test_mlp_and_block_targets(mode, target, tmp_path):
+    """Plans and routers on MLP sub-blocks or whole blocks: static graphs leave them out, gated graphs gate them."""
+    from onnx_cases import randomise_routers
+
+    model = build_model("llama", num_hidden_layers=3, seed=4)
+    loaded = wrap_model(model)
+    routed = RoutedModel.from_model(model, layers=[1], target=target)
+    if mode == "static":
+        plan = SkipPlan(base_model="tiny", fingerprint=loaded.fingerprint, num_layers=3, target=target,
+                        method="manual", skip=[1], candidates=[1])
+        path = export_onnx(loaded, tmp_path / "g", mode="static", plan=plan)
+        context = routed.forced_decisions(plan.run_map())
+    else:
+        randomise_routers(routed, seed=3)
+        path = export_onnx(loaded, tmp_path / "g", mode="gated", routed=routed)
+        context = contextlib.nullcontext()
+    graph = onnx.load(str(path), load_external_data=False)
+    kv = [i.name for i in graph.graph.input if i.name.endswith(".key")]
+    expect_kv = [0, 2] if (mode, target) == ("static", "block") else [0, 1, 2]
+    assert kv == [f"past_key_values.{i}.key" for i in expect_kv]
+    ort_model = OrtCausalLM(path)
+    seqs = random_sequences(12, seed=13)
+    with context:
+        for batch in (left_pad(seqs[:3]), left_pad(seqs[3:4]), left_pad(seqs[4:5])):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            ref, _ = torch_step(model, ids, mask)
+            out = ort_model.forward(ids.numpy(), mask.numpy())
+            assert max_diff_real(out.logits, ref, mask) <= ATOL
+            if mode == "gated":
+                assert out.cache.decisions[:, 0].tolist() == routed.decisions()[1].tolist()
+            want = torch_greedy(model, ids, mask, 6)
+            assert ort_model.generate(ids.numpy(), mask.numpy(), 6).tolist() == want.tolist()
+    routed.unwrap()
