@@ -201,7 +201,7 @@ class Pipeline:
         def run() -> dict[str, Any]:
             cand = self.candidates()
             settings = TuneSettings(
-                target=self.s.target, layers=cand, target_skip=self.skip_count() / len(cand),
+                target=self.s.target, layers=cand, target_skip=min(self.skip_count() / len(cand), 0.95),
                 capacity_weight=self.s.capacity_weight, seq_len=self.s.seq_len, max_samples=self.s.max_samples,
                 batch_size=self.s.batch_size, steps=self.s.steps, lr=self.s.lr, optimizer=self.s.optimizer, gates=self.s.gates,
                 seed=self.s.seed, calibration_blocks=self.s.calibration_blocks, eval_blocks=self.s.heldout_blocks,
