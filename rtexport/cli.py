@@ -216,11 +216,11 @@ def export_onnx(
             report = validate(reference, graph_dir, tokenizer=loaded.tokenizer, atol=atol)
         Console().print(parity_table(report))
         try:
+            report.raise_if_failed()  # exit 3: a graph that misses its tolerances is never packaged
             package_ort_gpu(graph_dir, output, report)
         finally:
             shutil.rmtree(graph_dir, ignore_errors=True)
         Console().print(f"ort-gpu package -> {output}")
-        report.raise_if_failed()
 
 
 @app.command()
