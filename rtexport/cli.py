@@ -212,6 +212,11 @@ def export_onnx(
         from .evaluation.parity import parity_table, validate
         from .onnx.package import package_ort_gpu
 
+        if routed is not None:  # validate against freshly attached routers, as the pipeline does
+            from .tuning.trainer import load_tuned
+
+            routed.unwrap()
+            routed = load_tuned(loaded, routers)
         with _reference(loaded, plan if mode == "static" else None, routed) as reference:
             report = validate(reference, graph_dir, tokenizer=loaded.tokenizer, atol=atol)
         Console().print(parity_table(report))
