@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -77,25 +76,6 @@ def tune(
     loaded = _load(model, revision, _auto_dtype(dtype, device), device, trust_remote_code)
     result = run_tune(loaded, settings, output, resume=resume)
     _print_tune_summary(result)
-
-
-@contextlib.contextmanager
-def _reference(loaded, plan, routed):
-    """The PyTorch model a graph is checked against: the routers (gated), or the model with the plan's decisions
-    fixed (static), or the plain model."""
-    reference = routed
-    if reference is None and plan is not None:
-        from .routing import RoutedModel
-
-        reference = RoutedModel.from_model(loaded.model, target=plan.target, layers=sorted(plan.run_map()),
-                                           base_model_id=loaded.source.model_id)
-    if reference is None:
-        yield loaded.model
-    elif plan is not None:
-        with reference.forced_decisions(plan.run_map()):
-            yield reference
-    else:
-        yield reference
 
 
 def _auto_dtype(dtype: str, device: str) -> str:
@@ -209,7 +189,7 @@ def export_onnx(
     if fmt == "ort-gpu":
         import shutil
 
-        from .evaluation.parity import parity_table, validate
+        from .evaluation.parity import parity_table, reference_for, validate
         from .onnx.package import package_ort_gpu
 
         if routed is not None:  # validate against freshly attached routers, as the pipeline does
@@ -217,7 +197,7 @@ def export_onnx(
 
             routed.unwrap()
             routed = load_tuned(loaded, routers)
-        with _reference(loaded, plan if mode == "static" else None, routed) as reference:
+        with reference_for(loaded, plan if mode == "static" else None, routed) as reference:
             report = validate(reference, graph_dir, tokenizer=loaded.tokenizer, atol=atol)
         Console().print(parity_table(report))
         try:
@@ -242,7 +222,7 @@ def validate(
     trust_remote_code: bool = typer.Option(False),
 ) -> None:
     """PyTorch against ONNX Runtime: logits, top-1, greedy tokens, perplexity. Exit code 3 on a miss."""
-    from .evaluation.parity import parity_table
+    from .evaluation.parity import parity_table, reference_for
     from .evaluation.parity import validate as run_validate
     from .fsutil import write_json_atomic
     from .planning import SkipPlan
@@ -254,7 +234,7 @@ def validate(
         from .tuning.trainer import load_tuned
 
         routed = load_tuned(loaded, routers)
-    with _reference(loaded, plan, routed) as reference:
+    with reference_for(loaded, plan, routed) as reference:
         report = run_validate(reference, onnx_dir, tokenizer=loaded.tokenizer, atol=atol, steps=steps, batch_size=batch_size)
     Console().print(parity_table(report))
     if report_path is not None:
@@ -336,9 +316,8 @@ def tune_and_export_cmd(
         dry_run=dry_run, force=force, revision=revision, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, command="rtexport " + " ".join(sys.argv[1:]),
     )
-    report = tune_and_export(settings)
+    tune_and_export(settings)
     Console().print(f"done: {output}/report.json")
-    _ = report
 
 
 @app.command()

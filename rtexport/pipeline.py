@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,6 @@ from .fsutil import read_json, write_json_atomic
 from .versions import device_description, package_versions
 
 FORMATS = ("hf", "ort-gpu", "both")
-STAGES = ("tune", "plan", "prune", "export", "validate", "package-ort", "evaluate", "bench", "card", "push")
 
 
 @dataclass
@@ -160,8 +158,10 @@ class Pipeline:
             return None
         return rec
 
-    def run_stage(self, name: str, key: str, output: str | None, fn: Callable[[], dict[str, Any]]) -> StageRecord:
-        rec = self._valid_record(name, key, output)
+    def run_stage(self, name: str, key: str, output: str | None, fn: Callable[[], dict[str, Any]],
+                  always: bool = False) -> StageRecord:
+        """Run ``fn`` unless a valid record of this stage (same key, output present) exists; ``always`` reruns it."""
+        rec = None if always else self._valid_record(name, key, output)
         if rec is not None:
             self.console.print(f"[dim]• {name}: up to date ({self._record_path(name)})[/]")
             rec.status = "done"
@@ -300,7 +300,7 @@ class Pipeline:
         return self.run_stage("export", key, "onnx-build", run)
 
     def stage_validate(self, export_key: str) -> StageRecord:
-        from .evaluation.parity import parity_table, validate
+        from .evaluation.parity import parity_table, reference_for, validate
         from .tuning.trainer import load_tuned
 
         key = _hash(export_key, self.s.key("atol", "validate_steps"))
@@ -309,17 +309,14 @@ class Pipeline:
             results: dict[str, Any] = {}
             plan = self.plan()
             for mode in self.s.onnx_modes:
-                routed = load_tuned(self.loaded, self.path("routers"))
+                routed = load_tuned(self.loaded, self.path("routers")) if mode == "gated" else None
                 try:
-                    if mode == "static":
-                        with routed.forced_decisions(plan.run_map()):
-                            report = validate(routed, self.path("onnx-build", mode), tokenizer=self.loaded.tokenizer,
-                                              atol=self.s.atol, steps=self.s.validate_steps)
-                    else:
-                        report = validate(routed, self.path("onnx-build", mode), tokenizer=self.loaded.tokenizer,
+                    with reference_for(self.loaded, plan if mode == "static" else None, routed) as reference:
+                        report = validate(reference, self.path("onnx-build", mode), tokenizer=self.loaded.tokenizer,
                                           atol=self.s.atol, steps=self.s.validate_steps)
                 finally:
-                    routed.unwrap()
+                    if routed is not None:
+                        routed.unwrap()
                 self.console.print(parity_table(report))
                 write_json_atomic(self.path("onnx-build", mode, "parity_report.json"), report.to_dict())
                 results[mode] = {**report.to_dict(), "passed": report.passed}
@@ -428,7 +425,7 @@ class Pipeline:
             render_card(report, self.path("onnx"), onnx_paths={m: m for m in self.s.onnx_modes})
             return {"cards": ["onnx/README.md"]}
 
-        return self.run_stage("card", _hash(str(time.time())), None, run)
+        return self.run_stage("card", "", None, run, always=True)
 
     def stage_push(self) -> StageRecord:
         from .packaging.hub import push_to_hub
@@ -442,7 +439,7 @@ class Pipeline:
                 return {"model": _as_dict(result), "onnx": _as_dict(extra)}
             return {"model": _as_dict(result)}
 
-        return self.run_stage("push", _hash(str(time.time())), None, run)
+        return self.run_stage("push", "", None, run, always=True)
 
     # ---- the whole job -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -149,6 +149,16 @@ def plan_from_execution_rates(
     )
 
 
+def plan_from_routed(routed: Any, calib: torch.Tensor, *, batch_size: int = 4, **plan_fields: Any) -> SkipPlan:
+    """Run tuned routers over calibration blocks at their threshold and drop the least-executed layers."""
+    from .tuning.trainer import collect_scores, execution_rates
+
+    thr = routed.state.threshold
+    rates, means = execution_rates(collect_scores(routed, calib, batch_size), thr)
+    plan_fields.setdefault("calibration", {})["threshold"] = thr
+    return plan_from_execution_rates(rates, means, target=routed.config.target, **plan_fields)
+
+
 def plan_from_similarity(
     similarity: dict[int, float],
     *,
@@ -285,17 +295,12 @@ def make_plan(
     if method == "router-tuning":
         if routers is None:
             raise DataError("a router-tuning plan needs the tuned routers folder")
-        from .tuning.trainer import collect_scores, load_tuned
+        from .tuning.trainer import load_tuned
 
         routed = load_tuned(loaded, routers)
         try:
-            scores = collect_scores(routed, calib, batch_size)
-            thr = routed.state.threshold
-            rates = {i: float((s >= thr).float().mean()) for i, s in scores.items()}
-            means = {i: float(s.float().mean()) for i, s in scores.items()}
-            calibration["threshold"] = thr
             calibration["routers"] = str(routers)
-            return plan_from_execution_rates(rates, means, target=routed.config.target, **common)
+            return plan_from_routed(routed, calib, batch_size=batch_size, **common)
         finally:
             routed.unwrap()
     if method == "attention-drop":

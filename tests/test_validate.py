@@ -267,3 +267,19 @@ def test_smollm2_exports_validate_and_package(tmp_path):
         wrapper.unwrap()
         assert_same_greedy(genai_greedy(pkg, prompts, 16), want, json.loads(
             (pkg / "export_info.json").read_text())["model"]["eos_token_id"])
+
+
+def test_reference_for_a_plan_leaves_the_model_unwrapped():
+    from conftest import build_model
+
+    from rtexport.evaluation.parity import reference_for
+    from rtexport.models.loading import wrap_model
+    from rtexport.planning import SkipPlan
+
+    loaded = wrap_model(build_model("llama"))
+    layers = list(loaded.model.model.layers)
+    plan = SkipPlan(base_model="tiny", fingerprint=loaded.fingerprint, num_layers=6, target="attn", method="manual",
+                    skip=[3], candidates=[2, 3, 4])
+    with reference_for(loaded, plan) as reference:
+        assert reference.state.forced == {2: True, 3: False, 4: True}
+    assert list(loaded.model.model.layers) == layers

@@ -20,13 +20,11 @@ import torch
 
 from rtexport.evaluation.compare import quality_table
 from rtexport.evaluation.plan_quality import evaluate_plans, mean_accuracy
-from rtexport.evaluation.quality import perplexity
 from rtexport.models.loading import load_model
-from rtexport.planning import measure_similarity, plan_from_execution_rates, plan_from_similarity
-from rtexport.routing import RoutedModel
+from rtexport.planning import measure_similarity, plan_from_routed, plan_from_similarity
 from rtexport.routing.config import parse_layers
 from rtexport.tuning.data import load_blocks
-from rtexport.tuning.trainer import TuneSettings, collect_scores, tune
+from rtexport.tuning.trainer import TuneSettings, tune
 
 VARIANTS = {
     "adamw-1e-3": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0),
@@ -43,12 +41,8 @@ VARIANTS = {
 
 
 def rt_plan(loaded, routed, calib, k, batch_size):
-    scores = collect_scores(routed, calib, batch_size)
-    thr = routed.state.threshold
-    rates = {i: float((s >= thr).float().mean()) for i, s in scores.items()}
-    means = {i: float(s.float().mean()) for i, s in scores.items()}
-    return plan_from_execution_rates(rates, means, base_model=loaded.source.model_id, fingerprint=loaded.fingerprint,
-                                     num_layers=loaded.model.config.num_hidden_layers, target="attn", skip_layers=k)
+    return plan_from_routed(routed, calib, batch_size=batch_size, base_model=loaded.source.model_id,
+                            fingerprint=loaded.fingerprint, num_layers=loaded.model.config.num_hidden_layers, skip_layers=k)
 
 
 def main() -> None:

@@ -200,6 +200,30 @@ def reference_model(reference: Any, info: dict[str, Any]) -> Iterator[tuple[nn.M
         wrapper.unwrap()
 
 
+@contextlib.contextmanager
+def reference_for(loaded: Any, plan: Any = None, routed: Any = None) -> Iterator[nn.Module]:
+    """The PyTorch model a graph is checked against: the routers (gated), or the model with the plan's decisions
+    fixed (static), or the plain model. A routed wrapper made here for a plan is removed again on exit."""
+    made = None
+    if routed is None and plan is not None:
+        from ..routing import RoutedModel
+
+        made = RoutedModel.from_model(loaded.model, target=plan.target, layers=sorted(plan.run_map()),
+                                      base_model_id=loaded.source.model_id)
+    reference = routed if routed is not None else made
+    try:
+        if reference is None:
+            yield loaded.model
+        elif plan is not None:
+            with reference.forced_decisions(plan.run_map()):
+                yield reference
+        else:
+            yield reference
+    finally:
+        if made is not None:
+            made.unwrap()
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp_min(0) * (attention_mask > 0)

@@ -65,21 +65,6 @@ class ArchitectureAdapter:
     def feed_forward_norm(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp_norm)
 
-    def parameter_prefix(self, layer_index: int) -> str:
-        """State-dict prefix of decoder layer ``layer_index`` in the CausalLM (e.g. ``model.layers.7.``)."""
-        return f"{self.layers}.{layer_index}."
-
-    def sub_block_prefixes(self, layer_index: int, target: str) -> list[str]:
-        """State-dict prefixes of the tensors that belong to the sub-block(s) ``target`` removes."""
-        base = self.parameter_prefix(layer_index)
-        if target == "attn":
-            return [f"{base}{self.attn}.", f"{base}{self.attn_norm}."]
-        if target == "mlp":
-            return [f"{base}{self.mlp}.", f"{base}{self.mlp_norm}."]
-        if target == "block":
-            return [base]
-        raise ValueError(f"unknown target {target!r}")
-
     def rotary_embedding(self, model: nn.Module) -> nn.Module:
         return self._get(model, self.rotary_emb)
 

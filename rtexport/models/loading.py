@@ -134,8 +134,6 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         lm = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype or "auto", **kwargs)
     except (OSError, ValueError) as e:  # Hub/network/file problems: one line for the user
-        if type(e).__name__ in ("UnsupportedArchitecture",):
-            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"could not load {model!r}: {msg}") from e
     lm.to(dev)

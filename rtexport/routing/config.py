@@ -67,8 +67,6 @@ class RouterConfig:
             raise ArtifactMismatch(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         if self.granularity not in GRANULARITIES:
             raise ArtifactMismatch(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if self.num_layers - 1 in self.layers and self.target != "mlp":
-            pass  # allowed when the user asks explicitly; the default placement never routes the last layer
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ArtifactMismatch, DataError
-from ..fsutil import read_json, write_json_atomic
+from ..fsutil import write_json_atomic
 from ..models.loading import LoadedModel
 from ..routing.config import parse_layers
 from ..routing.routed import RoutedModel
@@ -159,6 +159,13 @@ def collect_scores(
             ids = blocks[i : i + batch_size].to(device)
             routed(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return {layer: torch.cat([s.reshape(-1) for s in v]) for layer, v in rec.items()}
+
+
+def execution_rates(scores: dict[int, torch.Tensor], threshold: float) -> tuple[dict[int, float], dict[int, float]]:
+    """Per routed layer: the share of decisions that run it at ``threshold``, and its mean router score."""
+    rates = {i: float((s >= threshold).float().mean()) for i, s in scores.items()}
+    means = {i: float(s.float().mean()) for i, s in scores.items()}
+    return rates, means
 
 
 def calibrate_threshold(
@@ -328,7 +335,7 @@ def tune(
     routed.state.threshold = threshold
     routed.config.threshold = threshold
     scores = collect_scores(routed, heldout, settings.batch_size, threshold)
-    rates = {layer: float((s >= threshold).float().mean()) for layer, s in scores.items()}
+    rates, _ = execution_rates(scores, threshold)
     skip_ratio = 1.0 - sum(rates.values()) / max(len(rates), 1)
     base_ppl = routed_ppl = None
     if measure_perplexity:
@@ -425,6 +432,3 @@ def load_tuned(loaded: LoadedModel, router_dir: str | Path) -> RoutedModel:
         load_lora(loaded.model, loaded.adapter, routed.config.lora, router_dir)
     return routed
 
-
-def read_router_config(router_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(router_dir) / "router_config.json")
