@@ -51,6 +51,7 @@ def tune(
     lr: float = typer.Option(1e-2),
     optimizer: str = typer.Option("shared-adam", help="shared-adam (one second-moment scale for all routers), adamw or sgd."),
     gates: str = typer.Option("sampled", help="Training gates: sampled (Bernoulli + straight-through) or threshold (the paper's hard 0.5)."),
+    objective: str = typer.Option("lm", help="lm (next-token loss, the paper's) or kl (distil the full model's next-token distribution)."),
     seed: int = typer.Option(0),
     eval_blocks: int = typer.Option(32, help="Held-out blocks for execution rates and perplexity."),
     checkpoint_every: int = typer.Option(10, help="Steps between resumable checkpoints."),
@@ -69,7 +70,7 @@ def tune(
     settings = TuneSettings(
         target=target, granularity=granularity, layers=layers, target_skip=target_skip, capacity_weight=capacity_weight,
         seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, grad_accum=grad_accum, steps=steps,
-        epochs=epochs, lr=lr, optimizer=optimizer, gates=gates, seed=seed, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every, lora=lora,
+        epochs=epochs, lr=lr, optimizer=optimizer, gates=gates, objective=objective, seed=seed, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every, lora=lora,
         lora_r=lora_r, data=data, eval_data=eval_data,
     )
     settings.validate()
@@ -292,6 +293,7 @@ def tune_and_export_cmd(
     batch_size: int = typer.Option(4),
     steps: Optional[int] = typer.Option(16),
     lr: float = typer.Option(1e-2),
+    objective: str = typer.Option("lm", help="Tuning loss: lm (next-token, the paper's) or kl (distil the full model)."),
     eval_tasks: str = typer.Option("arc_easy,piqa", "--eval", help="Comma-separated tasks ('' to skip)."),
     eval_limit: Optional[int] = typer.Option(100),
     onnx_dtype: str = typer.Option("auto", help="ONNX dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16."),
@@ -311,7 +313,7 @@ def tune_and_export_cmd(
 
     settings = PipelineSettings(
         model=model, output=str(output), target=target, skip_ratio=skip_ratio, format=fmt, layers=layers, data=data,
-        seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, steps=steps, lr=lr, eval_tasks=eval_tasks,
+        seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, steps=steps, lr=lr, objective=objective, eval_tasks=eval_tasks,
         eval_limit=eval_limit, onnx_dtype=onnx_dtype, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
         dry_run=dry_run, force=force, revision=revision, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, command="rtexport " + " ".join(sys.argv[1:]),

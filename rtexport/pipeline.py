@@ -48,6 +48,7 @@ class PipelineSettings:
     lr: float = 1e-2
     optimizer: str = "shared-adam"
     gates: str = "sampled"
+    objective: str = "lm"
     capacity_weight: float = 5.0
     seed: int = 0
     calibration_blocks: int = 16
@@ -195,7 +196,7 @@ class Pipeline:
         from .tuning.trainer import TuneSettings, tune
 
         key = self.s.key("model", "revision", "dtype", "target", "layers", "skip_ratio", "data", "seq_len",
-                         "max_samples", "batch_size", "steps", "lr", "optimizer", "gates", "capacity_weight", "seed",
+                         "max_samples", "batch_size", "steps", "lr", "optimizer", "gates", "objective", "capacity_weight", "seed",
                          "calibration_blocks", "heldout_blocks")
 
         def run() -> dict[str, Any]:
@@ -204,6 +205,7 @@ class Pipeline:
                 target=self.s.target, layers=cand, target_skip=min(self.skip_count() / len(cand), 0.95),
                 capacity_weight=self.s.capacity_weight, seq_len=self.s.seq_len, max_samples=self.s.max_samples,
                 batch_size=self.s.batch_size, steps=self.s.steps, lr=self.s.lr, optimizer=self.s.optimizer, gates=self.s.gates,
+                objective=self.s.objective,
                 seed=self.s.seed, calibration_blocks=self.s.calibration_blocks, eval_blocks=self.s.heldout_blocks,
                 data=self.s.data,
             )

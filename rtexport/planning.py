@@ -6,8 +6,9 @@ A plan is a small JSON file a person can read and edit::
      "base_model": "...", "fingerprint": "...", "num_layers": 30,
      "skip": [17, 20, 23], "candidates": [15, ..., 28], "scores": {"15": 0.98, ...}, ...}
 
-``scores`` are what the ranking used: execution rates (router-tuning; lower = skipped first) or the cosine
-similarity between a sub-block's input and output (attention-drop; higher = skipped first).
+``scores`` are what the ranking used: execution rates (router-tuning; lower = skipped first), the cosine
+similarity between a sub-block's input and output (attention-drop; higher = skipped first), or the calibration
+perplexity after each greedy removal (loss-search; the order in which layers were removed).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .errors import ArtifactMismatch, DataError
 from .fsutil import write_json_atomic
 
 PLAN_FORMAT = "rtexport.skip_plan/1"
-METHODS = ("router-tuning", "attention-drop", "manual")
+METHODS = ("router-tuning", "attention-drop", "loss-search", "manual")
 
 
 @dataclass
@@ -184,6 +185,79 @@ def plan_from_similarity(
         skip=order[:n],
         candidates=candidates,
         scores={str(i): round(float(similarity[i]), 6) for i in candidates},
+        calibration=calibration or {},
+        **source,
+    )
+
+
+@torch.no_grad()
+def greedy_loss_search(
+    model: torch.nn.Module,
+    calib: torch.Tensor,
+    candidates: list[int],
+    max_skip: int,
+    *,
+    target: str = "attn",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[tuple[int, float]]:
+    """Backward elimination by measured loss: repeatedly drop the candidate whose removal raises the perplexity of
+    ``calib`` least, until ``max_skip`` are dropped. Returns [(layer, perplexity after dropping it), ...] in removal
+    order, so the first k entries are the k-layer plan. Costs about ``len(candidates) * max_skip`` passes over
+    ``calib``: a reference (and a strong baseline) that needs no training, but scales poorly with depth.
+    """
+    from .evaluation.quality import perplexity
+    from .routing.routed import RoutedModel
+
+    n = model.config.num_hidden_layers
+    routed = RoutedModel.from_model(model, target=target, layers=list(range(n)))
+    removed: list[tuple[int, float]] = []
+    try:
+        for _ in range(min(max_skip, len(candidates))):
+            gone = {layer for layer, _ in removed}
+            best: tuple[int, float] | None = None
+            for c in candidates:
+                if c in gone:
+                    continue
+                with routed.forced_decisions({i: i not in gone | {c} for i in range(n)}):
+                    ppl = perplexity(routed, calib, batch_size=batch_size, progress=False)
+                if best is None or ppl < best[1]:
+                    best = (c, ppl)
+            assert best is not None
+            removed.append(best)
+            if progress:
+                print(f"loss-search: drop {best[0]} -> calibration perplexity {best[1]:.3f}", flush=True)
+    finally:
+        routed.unwrap()
+    return removed
+
+
+def plan_from_loss_search(
+    removal: list[tuple[int, float]],
+    candidates: list[int],
+    *,
+    base_model: str,
+    fingerprint: str,
+    num_layers: int,
+    target: str,
+    skip_ratio: float | None = None,
+    skip_layers: int | None = None,
+    calibration: dict[str, Any] | None = None,
+    **source: Any,
+) -> SkipPlan:
+    """The first k layers of a :func:`greedy_loss_search` removal order as a plan."""
+    n = resolve_skip_count(num_layers, len(candidates), skip_ratio, skip_layers)
+    if n > len(removal):
+        raise DataError(f"the search removed {len(removal)} layers; the plan needs {n}")
+    return SkipPlan(
+        base_model=base_model,
+        fingerprint=fingerprint,
+        num_layers=num_layers,
+        target=target,
+        method="loss-search",
+        skip=[layer for layer, _ in removal[:n]],
+        candidates=sorted(candidates),
+        scores={str(layer): round(float(ppl), 6) for layer, ppl in removal},
         calibration=calibration or {},
         **source,
     )

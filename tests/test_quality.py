@@ -280,3 +280,28 @@ def test_quality_table():
     assert lines[0] == "| Method | Skip ratio | Skipped layers | Perplexity | arc_easy | piqa | Mean acc |"
     assert lines[2] == "| full | 0% | none | 21.46 | 60.0 | 70.0 | 65.0 |"
     assert lines[3] == "| attention-drop | 25% | 20–22 | 25.00 | 50.0 | – | – |"
+
+
+def test_greedy_loss_search_drops_the_cheapest_layer_first_and_makes_plans(tmp_path):
+    from rtexport.planning import SkipPlan, greedy_loss_search, plan_from_loss_search
+    from rtexport.routing import RoutedModel
+
+    model = build_model("llama", num_hidden_layers=4)
+    calib = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    removal = greedy_loss_search(model, calib, [1, 2, 3], 2, batch_size=2)
+    assert len(removal) == 2 and len({layer for layer, _ in removal}) == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # unwrapped, untouched
+    # the first removal is the argmin of the single-layer removals, measured independently
+    routed = RoutedModel.from_model(model, layers=list(range(4)))
+    single = {}
+    for c in (1, 2, 3):
+        with routed.forced_decisions({i: i != c for i in range(4)}):
+            single[c] = perplexity(routed, calib, batch_size=2, progress=False)
+    routed.unwrap()
+    assert removal[0][0] == min(single, key=single.get)
+    assert removal[0][1] == pytest.approx(single[removal[0][0]], rel=1e-6)
+    plan = plan_from_loss_search(removal, [1, 2, 3], base_model="m", fingerprint="f", num_layers=4, target="attn",
+                                 skip_layers=2)
+    assert plan.method == "loss-search" and plan.skip == sorted(layer for layer, _ in removal)
+    assert SkipPlan.load(plan.save(tmp_path / "p.json")).skip == plan.skip

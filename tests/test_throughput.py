@@ -106,3 +106,47 @@ def test_random_model_and_script_entry(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["runs"]] == ["eager+hf", "eager+fused"]
     assert "tok/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_linear_kl_divergence_matches_a_direct_computation_and_its_gradient(chunk):
+    from rtexport.tuning.loss import linear_kl_divergence
+
+    torch.manual_seed(0)
+    w = torch.randn(50, 8, dtype=torch.float64)
+    teacher = torch.randn(11, 8, dtype=torch.float64)
+    student = (teacher + 0.3 * torch.randn(11, 8, dtype=torch.float64)).requires_grad_(True)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1])
+    got = linear_kl_divergence(student, teacher, w, mask=mask, chunk_tokens=chunk)
+    (g_got,) = torch.autograd.grad(got, student)
+    s2 = student.detach().clone().requires_grad_(True)
+    keep = mask.bool()
+    want = torch.nn.functional.kl_div((s2[keep] @ w.T).log_softmax(-1), (teacher[keep] @ w.T).log_softmax(-1),
+                                      log_target=True, reduction="batchmean")
+    (g_want,) = torch.autograd.grad(want, s2)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5) and got.item() > 0.01
+    assert torch.allclose(g_got.double(), g_want, rtol=1e-4, atol=1e-7)
+    assert g_got[~keep].abs().max() == 0
+    assert linear_kl_divergence(teacher, teacher, w).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_objective_is_zero_with_every_gate_open_and_trains_the_routers(tokenizer):
+    from rtexport.routing import RoutedModel
+    from rtexport.tuning.trainer import tuning_loss
+
+    model = build_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routed = RoutedModel.from_model(model, layers=[2, 3])
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    with routed.mode("train"):
+        with routed.threshold(0.0):  # every straight-through gate is 1: the student is the teacher
+            loss, kl, rate = tuning_loss(routed, ids, keep_rate=None, capacity_weight=0.0, objective="kl")
+        assert rate.item() == 1.0 and kl.item() == pytest.approx(0.0, abs=1e-6)
+        routed.state.stochastic = True
+        torch.manual_seed(3)
+        loss, kl, rate = tuning_loss(routed, ids, keep_rate=0.5, capacity_weight=1.0, objective="kl")
+        assert rate.item() < 1.0 and kl.item() > 0
+        loss.backward()
+    assert all(r.proj.weight.grad is not None and r.proj.weight.grad.abs().sum() > 0 for r in routed.routers.values())
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)

@@ -21,23 +21,36 @@ import torch
 from rtexport.evaluation.compare import quality_table
 from rtexport.evaluation.plan_quality import evaluate_plans, mean_accuracy
 from rtexport.models.loading import load_model
-from rtexport.planning import measure_similarity, plan_from_routed, plan_from_similarity
+from rtexport.planning import (greedy_loss_search, measure_similarity, plan_from_loss_search, plan_from_routed,
+                               plan_from_similarity)
 from rtexport.routing.config import parse_layers
 from rtexport.tuning.data import load_blocks
 from rtexport.tuning.trainer import TuneSettings, tune
 
+_T, _S = dict(gates="threshold"), dict(gates="sampled")
 VARIANTS = {
-    "adamw-1e-3": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0),
-    "adamw-1e-4": dict(optimizer="adamw", lr=1e-4, capacity_weight=5.0),
-    "shared-adam-1e-3": dict(optimizer="shared-adam", lr=1e-3, capacity_weight=5.0),
-    "shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0),
-    "shared-adam-1e-3-cap1": dict(optimizer="shared-adam", lr=1e-3, capacity_weight=1.0),
-    "adamw-1e-3-3ep": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, epochs=3.0),
-    "sampled-adamw-1e-3": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, gates="sampled"),
-    "sampled-adamw-1e-3-3ep": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, gates="sampled", epochs=3.0),
-    "sampled-shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, gates="sampled"),
-    "sampled-shared-adam-1e-2-3ep": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, gates="sampled", epochs=3.0),
+    # session 1 (thresholded straight-through gates, the paper's; then Bernoulli-sampled gates), LM objective
+    "adamw-1e-3": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, **_T),
+    "adamw-1e-4": dict(optimizer="adamw", lr=1e-4, capacity_weight=5.0, **_T),
+    "shared-adam-1e-3": dict(optimizer="shared-adam", lr=1e-3, capacity_weight=5.0, **_T),
+    "shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, **_T),
+    "shared-adam-1e-3-cap1": dict(optimizer="shared-adam", lr=1e-3, capacity_weight=1.0, **_T),
+    "adamw-1e-3-3ep": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, epochs=3.0, **_T),
+    "sampled-adamw-1e-3": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, **_S),
+    "sampled-adamw-1e-3-3ep": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, epochs=3.0, **_S),
+    "sampled-shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, **_S),
+    "sampled-shared-adam-1e-2-3ep": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, epochs=3.0, **_S),
+    # session 2: self-distillation (KL from the full model) and longer blocks (same number of tokens)
+    "kl-sampled-shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, objective="kl", **_S),
+    "kl-sampled-shared-adam-1e-2-3ep": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, objective="kl", epochs=3.0, **_S),
+    "kl-sampled-adamw-1e-3": dict(optimizer="adamw", lr=1e-3, capacity_weight=5.0, objective="kl", **_S),
+    "kl-shared-adam-1e-2": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, objective="kl", **_T),
+    "kl-sampled-shared-adam-1e-2-s1024": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, objective="kl",
+                                              seq_len=1024, max_samples=128, batch_size=4, **_S),
+    "sampled-shared-adam-1e-2-s1024": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0,
+                                           seq_len=1024, max_samples=128, batch_size=4, **_S),
 }
+SESSION2 = [k for k in VARIANTS if k.startswith("kl-") or k.endswith("-s1024")] + ["sampled-shared-adam-1e-2"]
 
 
 def rt_plan(loaded, routed, calib, k, batch_size):
@@ -55,8 +68,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--ratios", default="0.125,0.25,0.375,0.5")
     ap.add_argument("--reference-ratio", type=float, default=0.25)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(SESSION2), help="comma-separated names from VARIANTS")
     ap.add_argument("--select-only", action="store_true", help="stop after choosing the variant (no task evaluation)")
+    ap.add_argument("--no-loss-search", action="store_true",
+                    help="leave out the reference plans of a greedy search by calibration perplexity")
     ap.add_argument("--tasks", default="arc_easy,arc_challenge,piqa,hellaswag,boolq,openbookqa,winogrande,lambada")
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--heldout-blocks", type=int, default=64)
@@ -109,6 +124,17 @@ def main() -> None:
     log["attention_drop_calibration_ppl"] = ad_calib["perplexity"]
     print(f"attention-drop: skip {ad_plans[args.reference_ratio].skip} calibration ppl {ad_calib['perplexity']:.3f}")
     log["best_variant"] = best
+
+    # reference: greedy removal by measured calibration perplexity (no training; ~candidates x layers passes)
+    ls_plans = {}
+    if not args.no_loss_search:
+        t0 = time.perf_counter()
+        removal = greedy_loss_search(loaded.model, calib, cand, max(counts.values()), batch_size=args.batch_size,
+                                     progress=True)
+        log["loss_search"] = {"removal": removal, "seconds": time.perf_counter() - t0}
+        ls_plans = {r: plan_from_loss_search(removal, cand, base_model=loaded.source.model_id,
+                                             fingerprint=loaded.fingerprint, num_layers=n, target="attn",
+                                             skip_layers=counts[r]) for r in ratios}
     if args.select_only:
         (out / "sweep.json").write_text(json.dumps(log, indent=1, default=float))
         return
@@ -120,6 +146,8 @@ def main() -> None:
         plans.append(rt_plan(loaded, result.routed, calib, counts[r], args.batch_size))
         result.routed.unwrap()
         plans.append(ad_plans[r])
+        if r in ls_plans:
+            plans.append(ls_plans[r])
     tasks = [t for t in args.tasks.split(",") if t]
     entries = evaluate_plans(loaded, plans, heldout, tasks=tasks, limit=args.limit, progress=False)
     for e in entries:

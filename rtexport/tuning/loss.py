@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -91,23 +92,18 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_tokens))
 
 
-def causal_lm_loss(
+def final_hidden_states(
     model: nn.Module,
     final_norm_path: str,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    chunk_tokens: int = 8192,
     call: Any = None,
 ) -> torch.Tensor:
-    """The causal-LM loss of ``model`` on ``input_ids`` (next-token prediction, as ``labels=input_ids`` gives).
+    """The final norm's output (what feeds the output embedding) for ``input_ids``, with no logits computed.
 
-    ``model`` is a transformers causal LM; ``final_norm_path`` the attribute path of its final norm (the adapter's
-    ``final_norm``), whose output feeds the output embedding. ``call`` runs the forward (defaults to ``model``; a
-    RoutedModel passes itself so its hooks run). The forward asks for no logits (``logits_to_keep`` = no position);
-    the loss is taken from the final norm's output with :func:`linear_cross_entropy`.
+    ``call`` runs the forward (defaults to ``model``; a RoutedModel passes itself so its hooks run); the forward asks
+    for no logits (``logits_to_keep`` = no position).
     """
-    labels = input_ids if labels is None else labels
     norm = operator.attrgetter(final_norm_path)(model)
     captured: list[torch.Tensor] = []
     handle = norm.register_forward_hook(lambda _m, _a, out: captured.append(out))
@@ -122,8 +118,62 @@ def causal_lm_loss(
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"expected the final norm to run once per forward, it ran {len(captured)} times")
-    hidden = captured[0]
+    return captured[0]
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    final_norm_path: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    chunk_tokens: int = 8192,
+    call: Any = None,
+) -> torch.Tensor:
+    """The causal-LM loss of ``model`` on ``input_ids`` (next-token prediction, as ``labels=input_ids`` gives).
+
+    ``model`` is a transformers causal LM; ``final_norm_path`` the attribute path of its final norm (the adapter's
+    ``final_norm``). The loss is taken from the final norm's output with :func:`linear_cross_entropy`.
+    """
+    labels = input_ids if labels is None else labels
+    hidden = final_hidden_states(model, final_norm_path, input_ids, attention_mask, call)
     head = model.get_output_embeddings()
     h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1).to(h.device)
     return linear_cross_entropy(h, head.weight, y, getattr(head, "bias", None), chunk_tokens)
+
+
+def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    s = nn.functional.linear(student, weight, bias).float().log_softmax(-1)
+    t = nn.functional.linear(teacher, weight, bias).float().log_softmax(-1)
+    return (t.exp() * (t - s)).sum()
+
+
+def linear_kl_divergence(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    chunk_tokens: int = 4096,
+) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between the distributions ``linear(h, weight, bias)`` gives.
+
+    ``student`` and ``teacher`` are (N, H) final hidden states (``teacher`` carries no gradient); ``mask`` (N,) picks
+    the tokens that count. Each chunk's logits are recomputed in the backward pass (activation checkpointing), so at
+    most one chunk of (tokens × vocabulary) logits is alive at a time. Softmaxes in float32.
+    """
+    if chunk_tokens < 1:
+        raise ValueError("chunk_tokens must be at least 1")
+    if mask is not None:
+        keep = mask.reshape(-1).bool()
+        student, teacher = student[keep], teacher[keep]
+    teacher = teacher.detach()
+    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    for start in range(0, student.shape[0], chunk_tokens):
+        s, t = student[start : start + chunk_tokens], teacher[start : start + chunk_tokens]
+        if s.requires_grad or weight.requires_grad:
+            total = total + checkpoint(_chunk_kl, s, t, weight, bias, use_reentrant=False)
+        else:
+            total = total + _chunk_kl(s, t, weight, bias)
+    return total / max(student.shape[0], 1)

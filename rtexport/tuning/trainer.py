@@ -1,6 +1,10 @@
 """The router tuner: trains only the routers of a frozen model, with a capacity term that steers the skip ratio.
 
-loss = LM loss + capacity_weight * relu(execution_rate - (1 - target_skip))
+loss = task loss + capacity_weight * relu(execution_rate - (1 - target_skip))
+
+The task loss is the causal-LM loss on the tuning text (``objective="lm"``, the paper's) or the KL divergence from
+the same frozen model with every gate open (``objective="kl"``: self-distillation; it asks the routed model to keep
+the full model's whole next-token distribution, not only the probability of the text's next token).
 
 ``execution_rate`` is the mean of the straight-through gates over routed layers and sequences (tokens for
 token-level routing), so the hinge's gradient reaches the router scores. After training, one global threshold is
@@ -31,6 +35,7 @@ from .data import load_blocks, split_blocks
 from .optim import build_optimizer
 
 CHECKPOINT_DIR = "checkpoint"
+OBJECTIVES = ("lm", "kl")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class TuneSettings:
     weight_decay: float = 0.0
     optimizer: str = "shared-adam"
     gates: str = "sampled"  # threshold (the paper: hard 0.5 threshold + STE) or sampled (Bernoulli + STE)
+    objective: str = "lm"  # lm (next-token loss on the text) or kl (distil the full model's distribution)
     seed: int = 0
     threshold: float = 0.5
     calibration_blocks: int = 32
@@ -73,6 +79,8 @@ class TuneSettings:
                 raise DataError(f"--{name.replace('_', '-')} must be at least 1")
         if self.gates not in ("threshold", "sampled"):
             raise DataError(f"--gates must be threshold or sampled, got {self.gates!r}")
+        if self.objective not in OBJECTIVES:
+            raise DataError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.steps is not None and self.steps < 1:
             raise DataError("--steps must be at least 1")
         if self.lr <= 0:
@@ -125,26 +133,39 @@ def tuning_loss(
     capacity_weight: float,
     fused_loss: bool = False,
     loss_chunk_tokens: int = 8192,
+    objective: str = "lm",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One micro-batch of router tuning (``routed`` in mode "train"): (loss, LM loss, execution rate).
+    """One micro-batch of router tuning (``routed`` in mode "train"): (loss, task loss, execution rate).
 
-    loss = LM loss + capacity_weight * relu(execution_rate - keep_rate). ``fused_loss`` computes the LM loss chunk by
-    chunk from the final hidden states (rtexport.tuning.loss) instead of through ``labels=``, never holding the
-    full logits; both give the same loss and gradients up to rounding.
+    loss = task loss + capacity_weight * relu(execution_rate - keep_rate). With ``objective="lm"`` the task loss is
+    the LM loss; ``fused_loss`` then computes it chunk by chunk from the final hidden states (rtexport.tuning.loss)
+    instead of through ``labels=``, never holding the full logits; both give the same loss and gradients up to
+    rounding. With ``objective="kl"`` it is the mean KL divergence from the same model with every gate open (no
+    gradient through that teacher pass), computed chunk by chunk the same way.
     """
     mask = torch.ones_like(ids)
-    if fused_loss:
+    if objective == "kl":
+        from .loss import final_hidden_states, linear_kl_divergence
+
+        norm_path = routed.adapter.final_norm
+        with torch.no_grad(), routed.mode("open"):
+            teacher = final_hidden_states(routed.base_model, norm_path, ids, mask, call=routed)
+        student = final_hidden_states(routed.base_model, norm_path, ids, mask, call=routed)
+        head = routed.base_model.get_output_embeddings()
+        task = linear_kl_divergence(student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]),
+                                    head.weight, getattr(head, "bias", None), chunk_tokens=loss_chunk_tokens)
+    elif fused_loss:
         from .loss import causal_lm_loss
 
-        lm = causal_lm_loss(routed.base_model, routed.adapter.final_norm, ids, mask,
-                            chunk_tokens=loss_chunk_tokens, call=routed)
+        task = causal_lm_loss(routed.base_model, routed.adapter.final_norm, ids, mask,
+                              chunk_tokens=loss_chunk_tokens, call=routed)
     else:
-        lm = routed(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+        task = routed(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
     rate = _execution_rate(routed)
-    loss = lm.float()
+    loss = task.float()
     if keep_rate is not None:
         loss = loss + capacity_weight * torch.relu(rate - keep_rate)
-    return loss, lm, rate
+    return loss, task, rate
 
 
 @torch.no_grad()
@@ -315,12 +336,12 @@ def tune(
             lm_total, rate_total = 0.0, 0.0
             for idx in micro:
                 ids = train_blocks[idx].to(device)
-                loss, lm, rate = tuning_loss(routed, ids, keep_rate, settings.capacity_weight)
+                loss, lm, rate = tuning_loss(routed, ids, keep_rate, settings.capacity_weight, objective=settings.objective)
                 (loss / len(micro)).backward()
                 lm_total += float(lm.detach()) / len(micro)
                 rate_total += float(rate.detach()) / len(micro)
             optimizer.step()
-            record = {"step": step + 1, "lm_loss": round(lm_total, 6), "skip": round(1.0 - rate_total, 6)}
+            record = {"step": step + 1, "loss": round(lm_total, 6), "skip": round(1.0 - rate_total, 6)}
             history.append(record)
             display.update(step + 1, record)
             if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and step + 1 < total:
@@ -415,7 +436,7 @@ class _Progress:
 
     def update(self, step: int, record: dict[str, float]) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=f"{record['lm_loss']:.4f}", skip=f"{record['skip']:.1%}")
+            self._progress.update(self._task, completed=step, loss=f"{record['loss']:.4f}", skip=f"{record['skip']:.1%}")
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
