@@ -55,7 +55,8 @@ class PipelineSettings:
     # export / validation
     onnx_modes: tuple[str, ...] = ("static", "gated")
     onnx_dtype: str = "auto"
-    opset: int = 18
+    opset: int = 23
+    attention: str = "auto"
     atol: float | None = None
     validate_steps: int = 16
     # evaluation
@@ -280,7 +281,7 @@ class Pipeline:
         from .onnx.export import export_onnx
         from .tuning.trainer import load_tuned
 
-        key = _hash(plan_key, self.s.key("onnx_modes", "onnx_dtype", "opset"))
+        key = _hash(plan_key, self.s.key("onnx_modes", "onnx_dtype", "opset", "attention"))
 
         def run() -> dict[str, Any]:
             results: dict[str, Any] = {}
@@ -288,14 +289,16 @@ class Pipeline:
             for mode in self.s.onnx_modes:
                 target = self.path("onnx-build", mode)
                 if mode == "static":
-                    path = export_onnx(self.loaded, target, mode="static", plan=plan, dtype=self._onnx_dtype(), opset=self.s.opset)
+                    path = export_onnx(self.loaded, target, mode="static", plan=plan, dtype=self._onnx_dtype(), opset=self.s.opset,
+                                       attention=self.s.attention)
                 else:
                     routed = load_tuned(self.loaded, self.path("routers"))
                     try:
-                        path = export_onnx(self.loaded, target, mode="gated", routed=routed, dtype=self._onnx_dtype(), opset=self.s.opset)
+                        path = export_onnx(self.loaded, target, mode="gated", routed=routed, dtype=self._onnx_dtype(), opset=self.s.opset,
+                                           attention=self.s.attention)
                     finally:
                         routed.unwrap()
-                results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset,
+                results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset, "attention": self.s.attention,
                                  "bytes": sum(f.stat().st_size for f in path.parent.glob("model.onnx*"))}
             return results
 

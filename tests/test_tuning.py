@@ -134,3 +134,16 @@ def test_smollm2_hits_target_skip(tmp_path):
                                        calibration_blocks=24, target_skip=0.25), tmp_path / "r", progress=False)
     assert abs(result.heldout_skip_ratio - 0.25) <= 0.05
     assert result.routed_perplexity < 3 * result.base_perplexity
+
+
+def test_with_repeats_copies_the_first_half_into_a_seeded_share_of_blocks():
+    from rtexport.tuning.data import with_repeats
+
+    blocks = torch.arange(8 * 10).view(8, 10)
+    out = with_repeats(blocks, 0.25, seed=0)
+    repeated = [i for i in range(8) if torch.equal(out[i, 5:], out[i, :5])]
+    assert len(repeated) == 2 and torch.equal(out[:, :5], blocks[:, :5])
+    assert all(torch.equal(out[i], blocks[i]) for i in range(8) if i not in repeated)
+    assert torch.equal(with_repeats(blocks, 0.25, seed=0), out) and with_repeats(blocks, 0.0, 0) is blocks
+    with pytest.raises(DataError):
+        with_repeats(blocks, 1.5, 0)

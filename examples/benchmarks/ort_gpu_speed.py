@@ -10,12 +10,20 @@ layers (kept: weight 0, score 0.5 → run; skipped: a weight opposite to the pro
 graphs run the same layers and the difference is the ``If`` machinery.
 
     PYTHONPATH=.:/tmp/parts-unpacked python3 examples/benchmarks/ort_gpu_speed.py --shape llama3.2-1b --skip 4 --out $OUT
+
+``--attention fused`` (the default) exports opset 23 with one ONNX ``Attention`` node per layer; ``--attention
+explicit`` exports opset 18 with MatMul/Softmax attention (the graphs of the first measurement). ``--placement``
+also opens each graph once with ONNX Runtime's verbose log and reports, from that log, how many Memcpy nodes the CUDA
+EP added and which kernel the ``Attention`` nodes chose (flash, memory-efficient, unfused) at prefill and at decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import statistics
 import tempfile
 import time
@@ -29,6 +37,57 @@ from rtexport.models.loading import wrap_model
 from rtexport.models.shapes import SHAPES, random_model
 from rtexport.planning import SkipPlan
 from rtexport.routing import RoutedModel
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """ONNX Runtime logs from C++ to file descriptor 2: send it to ``path`` for the duration."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def placement_report(graph_dir: Path, providers: list[str], vocab: int, prompt: int, log_path: Path) -> dict:
+    """Open the graph with the verbose log, run one prefill and two decode steps; count what the log says."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from rtexport.onnx.runtime import OrtCausalLM
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 0
+    ort.set_default_logger_severity(0)
+    try:
+        with _stderr_to(log_path):
+            lm = OrtCausalLM(graph_dir, providers=providers, session_options=so)
+            ids = np.random.default_rng(0).integers(0, vocab, size=(1, prompt), dtype=np.int64)
+            mask = np.ones_like(ids)
+            step = lm.forward(ids, mask, last_only=True)
+            for _ in range(2):
+                mask = np.concatenate([mask, np.ones((1, 1), dtype=mask.dtype)], axis=1)
+                step = lm.forward(step.logits[:, -1].argmax(-1)[:, None].astype(np.int64), mask, cache=step.cache,
+                                  last_only=True)
+            del lm
+    finally:
+        ort.set_default_logger_severity(2)
+    text = log_path.read_text(errors="replace")
+    memcpy = [int(m.group(1)) for m in re.finditer(r"(\d+) Memcpy nodes are added to the graph", text)]
+    kernels: dict[str, int] = {}
+    for m in re.finditer(r"(ONNX Attention: using [A-Za-z ]+?|Attention: using unified unfused path)\s*\((.*?)\)", text):
+        key = f"{m.group(1).strip()} ({m.group(2)})"  # one prefill then two decode steps, in that order
+        kernels[key] = kernels.get(key, 0) + 1
+    cpu_nodes = len(re.findall(r"Force fallback to CPU execution for node", text))
+    return {"memcpy_nodes_added": memcpy, "sum_memcpy": sum(memcpy), "attention_kernels": kernels,
+            "nodes_forced_to_cpu": cpu_nodes, "log": str(log_path)}
+
 
 EXTRA_SHAPES = {
     "llama3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
@@ -48,7 +107,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="ort-bench")
+    ap.add_argument("--attention", choices=("fused", "explicit"), default="fused",
+                    help="fused: opset 23, one ONNX Attention node per layer; explicit: opset 18 MatMul/Softmax")
+    ap.add_argument("--placement", action="store_true",
+                    help="also report Memcpy nodes and Attention kernel choices from ORT's verbose log")
     args = ap.parse_args()
+    opset = 23 if args.attention == "fused" else 18
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import onnxruntime as ort
@@ -72,7 +136,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     log = {"shape": args.shape, "skip": skip, "providers": ort.get_available_providers(), "ort": ort.__version__,
-           "torch": torch.__version__}
+           "torch": torch.__version__, "attention": args.attention, "opset": opset}
 
     # routers that pick exactly the plan on this prompt
     routed = RoutedModel.from_model(model, layers=candidates, base_model_id=loaded.source.model_id)
@@ -98,11 +162,13 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="ortbench-"))
     t = time.perf_counter()
-    export_onnx(loaded, work / "gated", mode="gated", routed=routed, dtype="float16" if dtype == torch.float16 else "float32")
+    export_onnx(loaded, work / "gated", mode="gated", routed=routed, dtype="float16" if dtype == torch.float16 else "float32",
+                opset=opset, attention=args.attention)
     log["export_gated_s"] = time.perf_counter() - t
     routed.unwrap()
     t = time.perf_counter()
-    export_onnx(loaded, work / "static", mode="static", plan=plan, dtype="float16" if dtype == torch.float16 else "float32")
+    export_onnx(loaded, work / "static", mode="static", plan=plan, dtype="float16" if dtype == torch.float16 else "float32",
+                opset=opset, attention=args.attention)
     log["export_static_s"] = time.perf_counter() - t
     print("exported", log["export_gated_s"], log["export_static_s"], flush=True)
 
@@ -127,6 +193,12 @@ def main() -> None:
         r["decode_samples"] += dec
         print(mode, statistics.median(pre), statistics.median(dec), flush=True)
         del lm
+    if args.placement:
+        log["placement"] = {}
+        for mode in ("static", "gated"):
+            log["placement"][mode] = placement_report(work / mode, providers, vocab, args.prompt,
+                                                      work / f"ort_verbose_{mode}.log")
+            print(mode, json.dumps({k: v for k, v in log["placement"][mode].items() if k != "log"}), flush=True)
     for mode in ("static", "gated"):
         r = res[f"ort_{mode}"]
         r["prefill_ms"] = statistics.median(r["prefill_samples"])

@@ -49,8 +49,11 @@ VARIANTS = {
                                               seq_len=1024, max_samples=128, batch_size=4, **_S),
     "sampled-shared-adam-1e-2-s1024": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0,
                                            seq_len=1024, max_samples=128, batch_size=4, **_S),
+    "kl-sampled-shared-adam-1e-2-rep25": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, objective="kl",
+                                              repeat_fraction=0.25, **_S),
+    "sampled-shared-adam-1e-2-rep25": dict(optimizer="shared-adam", lr=1e-2, capacity_weight=5.0, repeat_fraction=0.25, **_S),
 }
-SESSION2 = [k for k in VARIANTS if k.startswith("kl-") or k.endswith("-s1024")] + ["sampled-shared-adam-1e-2"]
+SESSION2 = [k for k in VARIANTS if k.startswith("kl-") or k.endswith(("-s1024", "-rep25"))] + ["sampled-shared-adam-1e-2"]
 
 
 def rt_plan(loaded, routed, calib, k, batch_size):
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.125,0.25,0.375,0.5")
     ap.add_argument("--reference-ratio", type=float, default=0.25)
     ap.add_argument("--variants", default=",".join(SESSION2), help="comma-separated names from VARIANTS")
+    ap.add_argument("--also", default="", help="variants evaluated at every ratio beside the selected one")
     ap.add_argument("--select-only", action="store_true", help="stop after choosing the variant (no task evaluation)")
     ap.add_argument("--no-loss-search", action="store_true",
                     help="leave out the reference plans of a greedy search by calibration perplexity")
@@ -135,23 +139,29 @@ def main() -> None:
         ls_plans = {r: plan_from_loss_search(removal, cand, base_model=loaded.source.model_id,
                                              fingerprint=loaded.fingerprint, num_layers=n, target="attn",
                                              skip_layers=counts[r]) for r in ratios}
+    (out / "sweep.json").write_text(json.dumps(log, indent=1, default=float))  # kept if a later step is cut short
     if args.select_only:
-        (out / "sweep.json").write_text(json.dumps(log, indent=1, default=float))
         return
 
     # per ratio: tune for that ratio with the chosen variant, then evaluate both plans on held-out text and tasks
-    plans = []
+    plans, labels = [], ["base"]
+    final = [best] + [v for v in args.also.split(",") if v and v != best]
     for r in ratios:
-        result = tuned(best, counts[r], **VARIANTS[best])
-        plans.append(rt_plan(loaded, result.routed, calib, counts[r], args.batch_size))
-        result.routed.unwrap()
+        for name in final:
+            result = tuned(name, counts[r], **VARIANTS[name])
+            plans.append(rt_plan(loaded, result.routed, calib, counts[r], args.batch_size))
+            labels.append("router-tuning" if name == best else f"router-tuning ({name})")
+            result.routed.unwrap()
         plans.append(ad_plans[r])
+        labels.append("attention-drop")
         if r in ls_plans:
             plans.append(ls_plans[r])
+            labels.append("loss-search (oracle on calibration text)")
     tasks = [t for t in args.tasks.split(",") if t]
     entries = evaluate_plans(loaded, plans, heldout, tasks=tasks, limit=args.limit, progress=False)
-    for e in entries:
+    for e, label in zip(entries, labels):
         e["mean_acc"] = mean_accuracy(e)
+        e["method"] = label
     log["entries"] = entries
     log["seconds"] = time.perf_counter() - t_start
     (out / "sweep.json").write_text(json.dumps(log, indent=1, default=float))

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ArtifactMismatch, DataError
 from ..fsutil import atomic_directory, file_sha256, read_json, write_json_atomic
-from .graph_model import MODES, DecoderGraph, GraphSpec, build_spec
+from .graph_model import ATTENTION_KINDS, MODES, DecoderGraph, GraphSpec, build_spec
 
 GRAPH_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
@@ -25,7 +25,8 @@ INFO_NAME = "export_info.json"
 INFO_FORMAT = "rtexport.onnx_export/1"
 ONNX_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 OPSETS = range(17, 24)
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 23
+FUSED_ATTENTION_OPSET = 23  # ONNX Attention (with grouped-query heads, past/present) is opset 23
 
 
 def _canonical_dtype(dtype: str | torch.dtype) -> tuple[str, torch.dtype]:
@@ -166,11 +167,35 @@ def check_graph(path: str | Path) -> None:
         raise ArtifactMismatch(f"{path} is not a valid ONNX graph: {first}") from None
 
 
-def _count_ops(path: Path, op_type: str) -> int:
+def _count_ops(path: Path, op_type: str, *, subgraphs: bool = False) -> int:
+    """Nodes of ``op_type`` in the main graph (``subgraphs``: also inside ``If`` branches, at any depth)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return sum(1 for n in model.graph.node if n.op_type == op_type)
+
+    def count(graph: Any) -> int:
+        n = 0
+        for node in graph.node:
+            n += node.op_type == op_type
+            if subgraphs:
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        n += count(attr.g)
+                    n += sum(count(g) for g in attr.graphs)
+        return n
+
+    return count(model.graph)
+
+
+def resolve_attention(attention: str, opset: int) -> str:
+    """``"auto"``: the fused ONNX ``Attention`` node where the opset has it (23 and later), else explicit."""
+    if attention == "auto":
+        return "fused" if opset >= FUSED_ATTENTION_OPSET else "explicit"
+    if attention not in ATTENTION_KINDS:
+        raise DataError(f"attention must be auto, {', '.join(ATTENTION_KINDS)}; got {attention!r}")
+    if attention == "fused" and opset < FUSED_ATTENTION_OPSET:
+        raise DataError(f"fused attention needs opset {FUSED_ATTENTION_OPSET} or later (ONNX Attention), got {opset}")
+    return attention
 
 
 def export_onnx(
@@ -183,17 +208,23 @@ def export_onnx(
     dtype: str | torch.dtype = "float32",
     opset: int = DEFAULT_OPSET,
     save_tokenizer: bool = True,
+    attention: str = "auto",
 ) -> Path:
     """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
 
     ``mode="static"``: the frozen ``plan`` (a ``SkipPlan``; ``None`` exports the whole model) decides which
     sub-blocks exist. ``mode="gated"``: ``routed`` (a ``RoutedModel`` with sequence-level routers on this model)
     puts each routed sub-block in an ``If``; a ``plan`` may also be given, and its skipped sub-blocks are left out.
+
+    ``attention``: ``"fused"`` exports each layer's attention as one ONNX ``Attention`` node (opset 23 or later;
+    ONNX Runtime's CUDA EP runs it with its flash / memory-efficient / fused-softmax kernels), ``"explicit"`` as
+    MatMul/Softmax/MatMul with the KV heads repeated (any opset), ``"auto"`` fused when ``opset >= 23``.
     """
     if mode not in MODES:
         raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if int(opset) not in OPSETS:
         raise DataError(f"opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
+    attention = resolve_attention(attention, int(opset))
     dtype_name, torch_dtype = _canonical_dtype(dtype)
     model = loaded.model
     config = model.config
@@ -238,7 +269,7 @@ def export_onnx(
     output_dir = Path(output_dir)
     started = time.perf_counter()
     with torch.no_grad():
-        graph = DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype)
+        graph = DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention)
         device = next(graph.parameters()).device
         example = _example_inputs(graph, device, torch_dtype)
         with atomic_directory(output_dir) as staging, warnings.catch_warnings():
@@ -269,18 +300,30 @@ def export_onnx(
             gated_kv = [i for i in spec.kv_layers if spec.routes_attention(i)]
             _finish_graph(graph_path, spec, {"rtexport.mode": mode, "rtexport.dtype": dtype_name,
                                              "rtexport.fingerprint": loaded.fingerprint,
+                                             "rtexport.attention": attention,
                                              # layers whose attention sits in an If: their cache is dropped
                                              # while no sequence runs them (read by runtime.OrtCausalLM)
                                              "rtexport.gated_kv_layers": ",".join(map(str, gated_kv))})
             check_graph(graph_path)
+            # per routed layer, two Ifs: the sub-block on the run_layer.{i} input, and the decision (router at
+            # prefill, held decisions afterwards) on a flag computed from input shapes (host-side in ORT)
             if_nodes = _count_ops(graph_path, "If")
-            if if_nodes != len(spec.routed_layers):
+            if if_nodes != 2 * len(spec.routed_layers):
                 raise ArtifactMismatch(
                     f"the exported graph holds {if_nodes} If nodes for {len(spec.routed_layers)} routed layers"
                 )
+            if attention == "fused":
+                fused = _count_ops(graph_path, "Attention", subgraphs=True)
+                if fused != len(spec.attention_layers):
+                    raise ArtifactMismatch(
+                        f"the exported graph holds {fused} ONNX Attention nodes for {len(spec.attention_layers)} "
+                        f"attention layers (torch {torch.__version__} did not translate scaled_dot_product_attention); "
+                        "export with attention='explicit'"
+                    )
             if save_tokenizer and loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(str(staging))
             info = export_info(loaded, spec, graph, dtype_name, int(opset), plan, routed, staging)
+            info["attention"] = attention
             info["export_seconds"] = round(time.perf_counter() - started, 1)
             write_json_atomic(staging / INFO_NAME, info)
             make_readable(staging)

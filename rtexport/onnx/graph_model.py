@@ -10,7 +10,16 @@ Two layouts (``GraphSpec``):
 * static: only the sub-blocks a ``SkipPlan`` keeps exist; a layer without attention has no KV input or output.
 * gated: each routed sub-block sits in a ``torch.cond`` (an ONNX ``If``) whose condition is the graph input
   ``run_layer.{i}``; inside the taken branch the per-sequence decision (computed by the router at prefill, read from
-  ``routing_decisions`` afterwards) masks the sub-block's output per sequence. See ``README-gated.md``.
+  ``routing_decisions`` afterwards: a second ``If``, on a prefill flag computed from input shapes) masks the
+  sub-block's output per sequence. See ``README-gated.md``.
+
+Attention (``attention=``): ``"explicit"`` (MatMul/Softmax/MatMul, KV heads repeated) or ``"fused"``
+(``scaled_dot_product_attention`` with grouped KV heads, which torch.onnx at opset 23 turns into one ONNX
+``Attention`` node).
+
+Host/device rule for ONNX Runtime's CUDA EP: values derived from input shapes live on the host. They may be used as
+shape-like inputs (Range bounds, Slice starts, Reshape shapes) and as ``If`` conditions, never as operands of
+element-wise arithmetic on device tensors (each such use is a host-to-device Memcpy at every step).
 """
 
 from __future__ import annotations
@@ -27,6 +36,10 @@ from ..models.adapters import ArchitectureAdapter
 
 MODES = ("static", "gated")
 TARGETS = ("attn", "mlp", "block")
+# "explicit": MatMul/Softmax/MatMul with the KV heads repeated (any opset); "fused": one
+# ``torch.nn.functional.scaled_dot_product_attention`` per layer, which torch.onnx (opset >= 23) exports as one ONNX
+# ``Attention`` node (grouped-query heads and the additive mask inside the node)
+ATTENTION_KINDS = ("explicit", "fused")
 
 
 @dataclass(frozen=True)
@@ -165,10 +178,14 @@ class DecoderGraph(nn.Module):
         spec: GraphSpec,
         routers: dict[int, torch.Tensor] | None = None,
         dtype: torch.dtype | None = None,
+        attention: str = "explicit",
     ):
         super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise ArtifactMismatch(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
         config = model.config
         self.spec = spec
+        self.attention = attention
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
@@ -238,39 +255,55 @@ class DecoderGraph(nn.Module):
         return cos[:, None], sin[:, None]  # (B,1,T,d)
 
     @staticmethod
-    def _additive_mask(attention_mask: torch.Tensor, seq_len: int, window: int | None) -> torch.Tensor:
-        """(B,1,T,S) float32: 0 where query t may attend key s (causal by cache position, key not padding)."""
+    def _mask_values(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The additive mask's 0 and its "masked" value in ``dtype``.
+
+        float32: the dtype's minimum (what the explicit attention always used). 16-bit: half the minimum, so that a
+        kernel adding scores to the mask in 16 bits cannot overflow to -inf (a row of -inf gives NaN, and the NaN of
+        a padding query would reach real tokens through its value vector, even with a zero weight).
+        """
+        low = torch.finfo(dtype).min if dtype == torch.float32 else torch.finfo(dtype).min / 2
+        return (torch.zeros((), dtype=dtype, device=device), torch.full((), low, dtype=dtype, device=device))
+
+    @staticmethod
+    def _additive_mask(attention_mask: torch.Tensor, seq_len: int, window: int | None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B,1,T,S) ``dtype``: 0 where query t may attend key s (causal by cache position, key not padding)."""
         total = attention_mask.shape[1]
-        past = total - seq_len
-        q_pos = torch.arange(seq_len, device=attention_mask.device) + past
+        # positions as ranges with symbolic bounds (ONNX Range reads its bounds on the host): adding a host-side
+        # offset to a device range would cost ONNX Runtime a host-to-device copy per step
+        q_pos = torch.arange(total - seq_len, total, device=attention_mask.device)
         k_pos = torch.arange(total, device=attention_mask.device)
         allowed = k_pos[None, :] <= q_pos[:, None]
         if window is not None:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
         allowed = allowed[None, None] & (attention_mask[:, None, None, :] > 0)
-        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
-        low = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=attention_mask.device)
+        zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
         return torch.where(allowed, zero, low)
 
     @staticmethod
-    def _aligned_mask(attention_mask: torch.Tensor, seq_len: int, key_len: int, window: int | None) -> torch.Tensor:
+    def _aligned_mask(attention_mask: torch.Tensor, seq_len: int, key_len: int, window: int | None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Like ``_additive_mask`` for ``key_len`` keys that are the last ``key_len`` cache positions.
 
         Positions are computed as values (arange + offset, gather), so the exported graph keeps the layer's cache
         length and the mask length as independent dimensions.
         """
         total = attention_mask.shape[1]
-        k_pos = torch.arange(key_len, device=attention_mask.device) + (total - key_len)
-        q_pos = torch.arange(seq_len, device=attention_mask.device) + (total - seq_len)
+        k_pos = torch.arange(total - key_len, total, device=attention_mask.device)
+        q_pos = torch.arange(total - seq_len, total, device=attention_mask.device)
         allowed = k_pos[None, :] <= q_pos[:, None]
         if window is not None:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
         index = k_pos[None, :].expand(attention_mask.shape[0], key_len)
         real = torch.gather(attention_mask, 1, index) > 0
         allowed = allowed[None, None] & real[:, None, None, :]
-        zero = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
-        low = torch.full((), torch.finfo(torch.float32).min, dtype=torch.float32, device=attention_mask.device)
+        zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
         return torch.where(allowed, zero, low)
+
+    def _mask_dtype(self, activations: torch.dtype) -> torch.dtype:
+        """The explicit attention adds the mask to float32 scores; the fused one takes it in the activations' dtype."""
+        return activations if self.attention == "fused" else torch.float32
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -300,13 +333,21 @@ class DecoderGraph(nn.Module):
         k = k * cos + self._rotate_half(k) * sin
         keys = torch.cat([past_k, k], dim=2)
         values = torch.cat([past_v, v], dim=2)
+        scaling = layer.scaling if layer.scaling is not None else d**-0.5
+        if self.attention == "fused":
+            # one ONNX Attention node: the grouped KV heads are read in place (no repeat), the mask is additive in
+            # the activations' dtype, the softmax runs in float32 inside the kernel
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=self.num_heads != self.num_kv_heads
+            )
+            out = out.transpose(1, 2).reshape(b, t, self.num_heads * d)
+            return layer.o_proj(out), keys, values
         groups = self.num_heads // self.num_kv_heads
         kk, vv = keys, values
         if groups > 1:
             s = keys.shape[2]
             kk = keys[:, :, None].expand(b, self.num_kv_heads, groups, s, d).reshape(b, self.num_heads, s, d)
             vv = values[:, :, None].expand(b, self.num_kv_heads, groups, s, d).reshape(b, self.num_heads, s, d)
-        scaling = layer.scaling if layer.scaling is not None else d**-0.5
         scores = torch.matmul(q, kk.transpose(2, 3)).to(torch.float32) * scaling + mask
         probs = torch.softmax(scores, dim=-1)
         if probs.dtype != q.dtype:
@@ -332,12 +373,24 @@ class DecoderGraph(nn.Module):
         """(B,) bool: the router's decision at prefill, the held decision (``given``) afterwards.
 
         ``attention_mask`` is the (B, P+T) mask; the router pools over the real tokens of this step's positions.
+        The choice is a ``torch.cond`` (an ONNX ``If``) on ``is_prefill``, which the graph computes from input
+        shapes: ONNX Runtime keeps it on the host, where ``If`` reads its condition, so neither step copies
+        anything between host and device for it (mixing the host-side flag into device arithmetic would), and
+        decode steps do not run the router at all.
         """
-        pad = attention_mask[:, attention_mask.shape[1] - normed.shape[1]:]
-        pooled = _masked_mean(normed.to(torch.float32), pad)
-        score = torch.sigmoid((pooled @ layer.router.weight.t()).squeeze(-1))
-        # (ONNX Runtime has no bool Where kernel: select with logical ops)
-        return (is_prefill & (score >= threshold)) | (~is_prefill & given)
+
+        def score(normed, attention_mask, given):
+            pad = attention_mask[:, attention_mask.shape[1] - normed.shape[1]:]
+            pooled = _masked_mean(normed.to(torch.float32), pad)
+            return torch.sigmoid((pooled @ layer.router.weight.t()).squeeze(-1)) >= threshold
+
+        def held(normed, attention_mask, given):
+            return given.clone()
+
+        dec = torch.cond(is_prefill, score, held, (normed, attention_mask, given))
+        # the branches size their outputs from different inputs: tell the tracer they agree (the batch)
+        torch._check(dec.shape[0] == given.shape[0])
+        return dec
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(
@@ -354,7 +407,9 @@ class DecoderGraph(nn.Module):
         x = self.embed_tokens(input_ids)
         t = input_ids.shape[1]
         cos, sin = self._rotary(position_ids, x.dtype)
-        masks = {w: self._additive_mask(attention_mask, t, w) for w in {None, *spec.sliding_windows.values()}}
+        mask_dtype = self._mask_dtype(x.dtype)
+        masks = {w: self._additive_mask(attention_mask, t, w, mask_dtype)
+                 for w in {None, *spec.sliding_windows.values()}}
         past = {i: (past_key_values[2 * j], past_key_values[2 * j + 1]) for j, i in enumerate(spec.kv_layers)}
         presents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         decisions: list[torch.Tensor] = []
@@ -420,7 +475,8 @@ class DecoderGraph(nn.Module):
         normed = layer.attn_norm(x)
         dec = self._router_decision(layer, normed, attention_mask, spec.threshold, given, is_prefill)
         # the layer's cache has its own length (empty while the layer is skipped): its mask is built for it
-        own_mask = self._aligned_mask(attention_mask, t, kv[0].shape[2] + t, spec.sliding_windows.get(i))
+        own_mask = self._aligned_mask(attention_mask, t, kv[0].shape[2] + t, spec.sliding_windows.get(i),
+                                      self._mask_dtype(x.dtype))
         whole_block = spec.target == "block"
 
         def taken(x, normed, pk, pv, dec, cos, sin, own_mask):

@@ -156,3 +156,23 @@ def split_blocks(blocks: torch.Tensor, heldout_fraction: float, seed: int) -> tu
     k = max(1, int(round(n * heldout_fraction))) if n > 1 else 0
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return blocks[perm[k:]], blocks[perm[:k]]
+
+
+def with_repeats(blocks: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Copy-augmented training blocks: in a seeded ``fraction`` of them the second half repeats the first half.
+
+    The repeated half can only be predicted by looking back into the context (what induction heads do, and what
+    tasks such as LAMBADA need); ordinary prose rarely asks for it, so routers tuned on prose alone learn to drop the
+    layers that do it. Returns a new tensor; ``fraction`` 0 returns ``blocks`` unchanged.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise DataError(f"--repeat-fraction must be in [0, 1], got {fraction}")
+    n, t = blocks.shape
+    k = int(round(n * fraction))
+    if k == 0 or t < 4:
+        return blocks
+    out = blocks.clone()
+    half = t // 2
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))[:k]
+    out[chosen, t - half :] = out[chosen, :half]
+    return out

@@ -31,7 +31,7 @@ from ..models.loading import LoadedModel
 from ..routing.config import parse_layers
 from ..routing.routed import RoutedModel
 from ..versions import package_versions
-from .data import load_blocks, split_blocks
+from .data import load_blocks, split_blocks, with_repeats
 from .optim import build_optimizer
 
 CHECKPOINT_DIR = "checkpoint"
@@ -56,6 +56,7 @@ class TuneSettings:
     optimizer: str = "shared-adam"
     gates: str = "sampled"  # threshold (the paper: hard 0.5 threshold + STE) or sampled (Bernoulli + STE)
     objective: str = "lm"  # lm (next-token loss on the text) or kl (distil the full model's distribution)
+    repeat_fraction: float = 0.0  # share of training blocks whose second half repeats the first (in-context copying)
     seed: int = 0
     threshold: float = 0.5
     calibration_blocks: int = 32
@@ -273,6 +274,7 @@ def tune(
     train_blocks, calib_blocks = split_blocks(blocks, settings.calibration_blocks / max(blocks.shape[0], 1), settings.seed)
     if train_blocks.shape[0] == 0:
         raise DataError("not enough text for training blocks: lower --seq-len or add data")
+    train_blocks = with_repeats(train_blocks, settings.repeat_fraction, settings.seed)
     heldout_source = settings.eval_data if settings.eval_data is not None else settings.data
     try:
         heldout, heldout_info = load_blocks(tok, heldout_source, split="heldout" if heldout_source in (None, "embedded") else "validation",
