@@ -193,3 +193,34 @@ def test_attention_kind_and_opset_checked(tmp_path):
     with pytest.raises(DataError, match="attention"):
         export_onnx(loaded, tmp_path / "a", attention="flash")
     assert not (tmp_path / "a").exists()
+
+
+def test_gated_logical_prefill_select_matches_the_cond_graph(tmp_path):
+    """The fallback for exporters that cannot trace the nested cond (torch < 2.13) computes the same thing."""
+    from onnx_cases import randomise_routers
+
+    from rtexport.routing import RoutedModel
+
+    model = build_model("llama", num_hidden_layers=3, seed=8)
+    loaded = wrap_model(model)
+    routed = RoutedModel.from_model(model, layers=[1, 2])
+    randomise_routers(routed, seed=3)
+    try:
+        paths = {sel: export_onnx(loaded, tmp_path / sel, mode="gated", routed=routed, prefill_select=sel)
+                 for sel in ("cond", "logical")}
+    finally:
+        routed.unwrap()
+    assert load_export_info(tmp_path / "logical")["prefill_select"] == "logical"
+    count = {sel: sum(n.op_type == "If" for n in all_nodes(load(p).graph)) for sel, p in paths.items()}
+    assert count == {"cond": 4, "logical": 2}
+    batch = left_pad(random_sequences(3, seed=21, lo=3, hi=9))
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    outs = {}
+    for sel, path in paths.items():
+        lm = OrtCausalLM(path)
+        step = lm.forward(ids, mask)
+        token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        full = np.concatenate([mask, np.ones((3, 1), dtype=mask.dtype)], axis=1)
+        outs[sel] = (step.logits, lm.forward(token, full, cache=step.cache).logits)
+    for a, b in zip(outs["cond"], outs["logical"]):
+        assert np.abs(a - b)[..., :].max() <= 1e-5

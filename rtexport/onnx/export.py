@@ -70,6 +70,13 @@ def _example_inputs(graph: DecoderGraph, device: torch.device, dtype: torch.dtyp
     return (ids, mask, pos, past, decisions, run)
 
 
+def prefill_select_for_this_torch() -> str:
+    """``cond`` where torch.export traces the gated graph's nested ``cond`` (torch >= 2.13; torch 2.11 fails inside
+    dynamo with "'Integer' object has no attribute 'node'", seen on the GPU machine), else ``logical``."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return "cond" if (major, minor) >= (2, 13) else "logical"
+
+
 def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...]:
     from torch.export import Dim
 
@@ -209,6 +216,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     save_tokenizer: bool = True,
     attention: str = "auto",
+    prefill_select: str | None = None,
 ) -> Path:
     """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
 
@@ -219,6 +227,8 @@ def export_onnx(
     ``attention``: ``"fused"`` exports each layer's attention as one ONNX ``Attention`` node (opset 23 or later;
     ONNX Runtime's CUDA EP runs it with its flash / memory-efficient / fused-softmax kernels), ``"explicit"`` as
     MatMul/Softmax/MatMul with the KV heads repeated (any opset), ``"auto"`` fused when ``opset >= 23``.
+    ``prefill_select`` (gated): ``"cond"`` or ``"logical"`` (see ``graph_model.PREFILL_SELECTS``); default: what
+    this torch can export (:func:`prefill_select_for_this_torch`).
     """
     if mode not in MODES:
         raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -269,7 +279,9 @@ def export_onnx(
     output_dir = Path(output_dir)
     started = time.perf_counter()
     with torch.no_grad():
-        graph = DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention)
+        prefill_select = prefill_select or prefill_select_for_this_torch()
+        graph = DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention,
+                             prefill_select=prefill_select)
         device = next(graph.parameters()).device
         example = _example_inputs(graph, device, torch_dtype)
         with atomic_directory(output_dir) as staging, warnings.catch_warnings():
@@ -305,10 +317,10 @@ def export_onnx(
                                              # while no sequence runs them (read by runtime.OrtCausalLM)
                                              "rtexport.gated_kv_layers": ",".join(map(str, gated_kv))})
             check_graph(graph_path)
-            # per routed layer, two Ifs: the sub-block on the run_layer.{i} input, and the decision (router at
-            # prefill, held decisions afterwards) on a flag computed from input shapes (host-side in ORT)
+            # per routed layer, the sub-block's If on the run_layer.{i} input and (prefill_select "cond") the
+            # decision's If (router at prefill, held decisions afterwards) on a flag computed from input shapes
             if_nodes = _count_ops(graph_path, "If")
-            if if_nodes != 2 * len(spec.routed_layers):
+            if if_nodes != (2 if prefill_select == "cond" else 1) * len(spec.routed_layers):
                 raise ArtifactMismatch(
                     f"the exported graph holds {if_nodes} If nodes for {len(spec.routed_layers)} routed layers"
                 )
@@ -344,6 +356,7 @@ def export_info(loaded, spec: GraphSpec, graph: DecoderGraph, dtype_name: str, o
         "mode": spec.mode,
         "dtype": dtype_name,
         "opset": opset,
+        "prefill_select": graph.prefill_select if spec.mode == "gated" else None,
         "graph": GRAPH_NAME,
         "external_data": DATA_NAME,
         "files": {

@@ -40,6 +40,10 @@ TARGETS = ("attn", "mlp", "block")
 # ``torch.nn.functional.scaled_dot_product_attention`` per layer, which torch.onnx (opset >= 23) exports as one ONNX
 # ``Attention`` node (grouped-query heads and the additive mask inside the node)
 ATTENTION_KINDS = ("explicit", "fused")
+# how a gated graph picks the router's decision (prefill) or the held one (decode): "cond", an ONNX If on the
+# host-side prefill flag (no host-to-device copy, routers not run at decode; needs torch >= 2.13's exporter), or
+# "logical", and/or of the flag with both (one small host-to-device copy of the flag per step; any torch)
+PREFILL_SELECTS = ("cond", "logical")
 
 
 @dataclass(frozen=True)
@@ -179,8 +183,12 @@ class DecoderGraph(nn.Module):
         routers: dict[int, torch.Tensor] | None = None,
         dtype: torch.dtype | None = None,
         attention: str = "explicit",
+        prefill_select: str = "cond",
     ):
         super().__init__()
+        if prefill_select not in PREFILL_SELECTS:
+            raise ArtifactMismatch(f"prefill_select must be one of {', '.join(PREFILL_SELECTS)}, got {prefill_select!r}")
+        self.prefill_select = prefill_select
         if attention not in ATTENTION_KINDS:
             raise ArtifactMismatch(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
         config = model.config
@@ -365,9 +373,8 @@ class DecoderGraph(nn.Module):
         b, h, p, d = pk.shape
         return pk.new_zeros(b, h, p + t, d), pv.new_zeros(b, h, p + t, d)
 
-    @staticmethod
     def _router_decision(
-        layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float,
+        self, layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float,
         given: torch.Tensor, is_prefill: torch.Tensor,
     ) -> torch.Tensor:
         """(B,) bool: the router's decision at prefill, the held decision (``given``) afterwards.
@@ -376,7 +383,8 @@ class DecoderGraph(nn.Module):
         The choice is a ``torch.cond`` (an ONNX ``If``) on ``is_prefill``, which the graph computes from input
         shapes: ONNX Runtime keeps it on the host, where ``If`` reads its condition, so neither step copies
         anything between host and device for it (mixing the host-side flag into device arithmetic would), and
-        decode steps do not run the router at all.
+        decode steps do not run the router at all. ``prefill_select="logical"`` computes both and selects with
+        logical ops instead (for exporters that cannot trace this nested ``cond``).
         """
 
         def score(normed, attention_mask, given):
@@ -387,6 +395,9 @@ class DecoderGraph(nn.Module):
         def held(normed, attention_mask, given):
             return given.clone()
 
+        if self.prefill_select == "logical":
+            # (ONNX Runtime has no bool Where kernel: select with logical ops)
+            return (is_prefill & score(normed, attention_mask, given)) | (~is_prefill & given)
         dec = torch.cond(is_prefill, score, held, (normed, attention_mask, given))
         # the branches size their outputs from different inputs: tell the tracer they agree (the batch)
         torch._check(dec.shape[0] == given.shape[0])
