@@ -52,6 +52,7 @@ def tune(
     optimizer: str = typer.Option("shared-adam", help="shared-adam (one second-moment scale for all routers), adamw or sgd."),
     gates: str = typer.Option("sampled", help="Training gates: sampled (Bernoulli + straight-through) or threshold (the paper's hard 0.5)."),
     objective: str = typer.Option("lm", help="lm (next-token loss, the paper's) or kl (distil the full model's next-token distribution)."),
+    repeat_fraction: float = typer.Option(0.0, help="Share of training blocks whose second half repeats the first (keeps layers that copy from context)."),
     seed: int = typer.Option(0),
     eval_blocks: int = typer.Option(32, help="Held-out blocks for execution rates and perplexity."),
     checkpoint_every: int = typer.Option(10, help="Steps between resumable checkpoints."),
@@ -70,7 +71,7 @@ def tune(
     settings = TuneSettings(
         target=target, granularity=granularity, layers=layers, target_skip=target_skip, capacity_weight=capacity_weight,
         seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, grad_accum=grad_accum, steps=steps,
-        epochs=epochs, lr=lr, optimizer=optimizer, gates=gates, objective=objective, seed=seed, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every, lora=lora,
+        epochs=epochs, lr=lr, optimizer=optimizer, gates=gates, objective=objective, repeat_fraction=repeat_fraction, seed=seed, eval_blocks=eval_blocks, checkpoint_every=checkpoint_every, lora=lora,
         lora_r=lora_r, data=data, eval_data=eval_data,
     )
     settings.validate()
@@ -108,11 +109,11 @@ def plan(
     model: str = typer.Argument(DEFAULT_MODEL, help=MODEL_HELP),
     output: Path = typer.Option(Path("plan.json"), "--output", "-o"),
     routers: Optional[Path] = typer.Option(None, help="Tuned routers folder (method router-tuning)."),
-    method: str = typer.Option("router-tuning", help="router-tuning or attention-drop."),
+    method: str = typer.Option("router-tuning", help="router-tuning, attention-drop (baseline) or loss-search (greedy removal by measured calibration loss)."),
     skip_ratio: Optional[float] = typer.Option(None, help="Fraction of all layers whose sub-block is dropped."),
     skip_layers: Optional[int] = typer.Option(None, help="Exact number of sub-blocks dropped."),
-    layers: Optional[str] = typer.Option(None, help="Candidate layers for attention-drop (default: upper half, never the last)."),
-    target: str = typer.Option("attn", help="attention-drop target: attn, mlp or block."),
+    layers: Optional[str] = typer.Option(None, help="Candidate layers for attention-drop / loss-search (default: upper half, never the last)."),
+    target: str = typer.Option("attn", help="attention-drop / loss-search target: attn, mlp or block."),
     data: Optional[str] = typer.Option(None, help="Calibration text (default: embedded corpus)."),
     seq_len: int = typer.Option(512),
     blocks: int = typer.Option(32, help="Calibration blocks."),
@@ -296,9 +297,12 @@ def tune_and_export_cmd(
     steps: Optional[int] = typer.Option(16),
     lr: float = typer.Option(1e-2),
     objective: str = typer.Option("lm", help="Tuning loss: lm (next-token, the paper's) or kl (distil the full model)."),
+    repeat_fraction: float = typer.Option(0.0, help="Share of tuning blocks whose second half repeats the first."),
     eval_tasks: str = typer.Option("arc_easy,piqa", "--eval", help="Comma-separated tasks ('' to skip)."),
     eval_limit: Optional[int] = typer.Option(100),
     onnx_dtype: str = typer.Option("auto", help="ONNX dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16."),
+    opset: int = typer.Option(23, help="ONNX opset (23+ gives one fused Attention node per layer)."),
+    attention: str = typer.Option("auto", help="ONNX attention: auto (fused at opset >= 23), fused or explicit."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance (default per dtype)."),
     bench: bool = typer.Option(True, "--bench/--no-bench"),
     push_to_hub: Optional[str] = typer.Option(None, help="Hub repo id to upload the result to."),
@@ -315,8 +319,8 @@ def tune_and_export_cmd(
 
     settings = PipelineSettings(
         model=model, output=str(output), target=target, skip_ratio=skip_ratio, format=fmt, layers=layers, data=data,
-        seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, steps=steps, lr=lr, objective=objective, eval_tasks=eval_tasks,
-        eval_limit=eval_limit, onnx_dtype=onnx_dtype, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
+        seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, steps=steps, lr=lr, objective=objective, repeat_fraction=repeat_fraction, eval_tasks=eval_tasks,
+        eval_limit=eval_limit, onnx_dtype=onnx_dtype, opset=opset, attention=attention, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
         dry_run=dry_run, force=force, revision=revision, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, command="rtexport " + " ".join(sys.argv[1:]),
     )

@@ -49,6 +49,7 @@ class PipelineSettings:
     optimizer: str = "shared-adam"
     gates: str = "sampled"
     objective: str = "lm"
+    repeat_fraction: float = 0.0
     capacity_weight: float = 5.0
     seed: int = 0
     calibration_blocks: int = 16
@@ -81,6 +82,12 @@ class PipelineSettings:
             raise DataError(f"--skip-ratio must be in [0, 1), got {self.skip_ratio}")
         if self.target != "attn" and self.format != "hf":
             raise DataError("ONNX export covers --target attn; use --format hf for mlp or block routing")
+        if self.format != "hf":  # a bad --opset/--attention fails now, not after tuning
+            from .onnx.export import OPSETS, resolve_attention
+
+            if int(self.opset) not in OPSETS:
+                raise DataError(f"--opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {self.opset}")
+            resolve_attention(self.attention, int(self.opset))
 
     def key(self, *names: str) -> str:
         d = asdict(self)
@@ -197,7 +204,7 @@ class Pipeline:
         from .tuning.trainer import TuneSettings, tune
 
         key = self.s.key("model", "revision", "dtype", "target", "layers", "skip_ratio", "data", "seq_len",
-                         "max_samples", "batch_size", "steps", "lr", "optimizer", "gates", "objective", "capacity_weight", "seed",
+                         "max_samples", "batch_size", "steps", "lr", "optimizer", "gates", "objective", "repeat_fraction", "capacity_weight", "seed",
                          "calibration_blocks", "heldout_blocks")
 
         def run() -> dict[str, Any]:
@@ -206,7 +213,7 @@ class Pipeline:
                 target=self.s.target, layers=cand, target_skip=min(self.skip_count() / len(cand), 0.95),
                 capacity_weight=self.s.capacity_weight, seq_len=self.s.seq_len, max_samples=self.s.max_samples,
                 batch_size=self.s.batch_size, steps=self.s.steps, lr=self.s.lr, optimizer=self.s.optimizer, gates=self.s.gates,
-                objective=self.s.objective,
+                objective=self.s.objective, repeat_fraction=self.s.repeat_fraction,
                 seed=self.s.seed, calibration_blocks=self.s.calibration_blocks, eval_blocks=self.s.heldout_blocks,
                 data=self.s.data,
             )

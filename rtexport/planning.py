@@ -355,8 +355,10 @@ def make_plan(
     layers: list[int] | str | None = None,
     target: str = "attn",
 ) -> SkipPlan:
-    """Build a SkipPlan for ``loaded`` from tuned routers (``method='router-tuning'``) or from Attention Drop's
-    cosine rule (``method='attention-drop'``), measured on the same calibration text."""
+    """Build a SkipPlan for ``loaded`` from tuned routers (``method='router-tuning'``), from Attention Drop's
+    cosine rule (``method='attention-drop'``) or from a greedy search by measured calibration perplexity
+    (``method='loss-search'``; about candidates x skipped passes over the calibration text), all measured on the same
+    calibration text."""
     from .routing.config import parse_layers
     from .tuning.data import load_blocks
 
@@ -383,4 +385,10 @@ def make_plan(
         batches = [{"input_ids": calib[i : i + batch_size].to(loaded.device)} for i in range(0, calib.shape[0], batch_size)]
         sim = measure_similarity(loaded.model, loaded.adapter, batches, target=target, layers=cand)
         return plan_from_similarity(sim, target=target, **common)
-    raise DataError(f"unknown plan method {method!r}: use router-tuning or attention-drop")
+    if method == "loss-search":
+        n = loaded.model.config.num_hidden_layers
+        cand = parse_layers(layers, n)
+        k = resolve_skip_count(n, len(cand), skip_ratio, skip_layers)
+        removal = greedy_loss_search(loaded.model, calib.to(loaded.device), cand, k, target=target, batch_size=batch_size)
+        return plan_from_loss_search(removal, cand, target=target, **common)
+    raise DataError(f"unknown plan method {method!r}: use router-tuning, attention-drop or loss-search")

@@ -305,3 +305,16 @@ def test_greedy_loss_search_drops_the_cheapest_layer_first_and_makes_plans(tmp_p
                                  skip_layers=2)
     assert plan.method == "loss-search" and plan.skip == sorted(layer for layer, _ in removal)
     assert SkipPlan.load(plan.save(tmp_path / "p.json")).skip == plan.skip
+
+
+def test_make_plan_loss_search_from_calibration_text(tmp_path):
+    from rtexport.models.loading import wrap_model
+    from rtexport.planning import make_plan
+
+    model = build_model("llama", num_hidden_layers=4)
+    loaded = wrap_model(model, build_tokenizer(), model_id="tiny")
+    (tmp_path / "c.txt").write_text("calibration words and more words " * 40)
+    plan = make_plan(loaded, method="loss-search", skip_layers=2, data=str(tmp_path / "c.txt"), seq_len=16, blocks=4,
+                     layers=[1, 2, 3])
+    assert plan.method == "loss-search" and len(plan.skip) == 2 and set(plan.skip) <= {1, 2, 3}
+    assert plan.calibration["blocks"] == 4 and set(plan.scores) == set(map(str, plan.skip))

@@ -82,6 +82,8 @@ class TuneSettings:
             raise DataError(f"--gates must be threshold or sampled, got {self.gates!r}")
         if self.objective not in OBJECTIVES:
             raise DataError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not 0.0 <= self.repeat_fraction <= 1.0:
+            raise DataError(f"--repeat-fraction must be in [0, 1], got {self.repeat_fraction}")
         if self.steps is not None and self.steps < 1:
             raise DataError("--steps must be at least 1")
         if self.lr <= 0:
