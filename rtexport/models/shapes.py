@@ -31,6 +31,21 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         attention_bias=False,
     ),
+    # SmolLM2-135M's architecture (the embedded default's), for GPU runs of the whole job in seconds
+    "smollm2-135m": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        attention_bias=False,
+    ),
     # a few-kB model of the same family, for tests and smoke runs of the measurement scripts
     "llama-tiny": dict(
         model_type="llama",

@@ -7,7 +7,9 @@ has a tokenizer, and ``export_info.json`` that says what made the graph (mode, d
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
 import time
 import warnings
 from pathlib import Path
@@ -68,6 +70,19 @@ def _example_inputs(graph: DecoderGraph, device: torch.device, dtype: torch.dtyp
     decisions = torch.ones(b, len(spec.routed_layers), dtype=torch.bool, device=device)
     run = [torch.tensor(True, device=device) for _ in spec.routed_layers]
     return (ids, mask, pos, past, decisions, run)
+
+
+@contextlib.contextmanager
+def _quiet_exporter_registry():
+    """torch.onnx logs a warning per torchvision op it cannot register when torchvision is absent: not our users'
+    concern. Raises that one logger's level for the export and restores it."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def prefill_select_for_this_torch() -> str:
@@ -284,7 +299,7 @@ def export_onnx(
                              prefill_select=prefill_select)
         device = next(graph.parameters()).device
         example = _example_inputs(graph, device, torch_dtype)
-        with atomic_directory(output_dir) as staging, warnings.catch_warnings():
+        with atomic_directory(output_dir) as staging, warnings.catch_warnings(), _quiet_exporter_registry():
             # the exporter's notes on dimension renaming and pytree deprecations are not for our users
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*treespec.*")
