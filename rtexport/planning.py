@@ -226,7 +226,7 @@ def greedy_loss_search(
             assert best is not None
             removed.append(best)
             if progress:
-                print(f"loss-search: drop {best[0]} -> calibration perplexity {best[1]:.3f}", flush=True)
+                print(f"loss-search: drop {best[0]} -> perplexity {best[1]:.3f}", flush=True)
     finally:
         routed.unwrap()
     return removed
