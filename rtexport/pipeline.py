@@ -305,7 +305,8 @@ class Pipeline:
                                            attention=self.s.attention)
                     finally:
                         routed.unwrap()
-                results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset, "attention": self.s.attention,
+                results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset,
+                                 "attention": json.loads((path.parent / "export_info.json").read_text()).get("attention"),
                                  "bytes": sum(f.stat().st_size for f in path.parent.glob("model.onnx*"))}
             return results
 
