@@ -119,6 +119,33 @@ def resolve_skip_count(num_layers: int, candidates: int, skip_ratio: float | Non
     return n
 
 
+def _plan_from_order(
+    method: str,
+    order: list[int],
+    candidates: list[int],
+    scores: dict[int, float],
+    *,
+    num_layers: int,
+    skip_ratio: float | None,
+    skip_layers: int | None,
+    calibration: dict[str, Any] | None,
+    **fields: Any,
+) -> SkipPlan:
+    """The plan that drops the first k layers of ``order`` (k from the ratio or count), with its ranking scores."""
+    n = resolve_skip_count(num_layers, len(candidates), skip_ratio, skip_layers)
+    if n > len(order):
+        raise DataError(f"only {len(order)} layers are ranked; the plan needs {n}")
+    return SkipPlan(
+        num_layers=num_layers,
+        method=method,
+        skip=order[:n],
+        candidates=sorted(candidates),
+        scores={str(i): round(float(v), 6) for i, v in scores.items()},
+        calibration=calibration or {},
+        **fields,
+    )
+
+
 def plan_from_execution_rates(
     rates: dict[int, float],
     mean_scores: dict[int, float],
@@ -134,20 +161,12 @@ def plan_from_execution_rates(
 ) -> SkipPlan:
     """Drop the routed layers the routers execute least often (ties broken by the mean router score)."""
     candidates = sorted(int(i) for i in rates)
-    n = resolve_skip_count(num_layers, len(candidates), skip_ratio, skip_layers)
     order = sorted(candidates, key=lambda i: (rates[i], mean_scores.get(i, 0.0), -i))
-    return SkipPlan(
-        base_model=base_model,
-        fingerprint=fingerprint,
-        num_layers=num_layers,
-        target=target,
-        method="router-tuning",
-        skip=order[:n],
-        candidates=candidates,
-        scores={str(i): round(float(rates[i]), 6) for i in candidates},
-        calibration={**(calibration or {}), "mean_router_score": {str(i): round(float(mean_scores.get(i, 0.0)), 6) for i in candidates}},
-        **source,
-    )
+    means = {str(i): round(float(mean_scores.get(i, 0.0)), 6) for i in candidates}
+    return _plan_from_order("router-tuning", order, candidates, {i: rates[i] for i in candidates},
+                            num_layers=num_layers, skip_ratio=skip_ratio, skip_layers=skip_layers,
+                            calibration={**(calibration or {}), "mean_router_score": means},
+                            base_model=base_model, fingerprint=fingerprint, target=target, **source)
 
 
 def plan_from_routed(routed: Any, calib: torch.Tensor, *, batch_size: int = 4, **plan_fields: Any) -> SkipPlan:
@@ -174,20 +193,11 @@ def plan_from_similarity(
 ) -> SkipPlan:
     """Attention Drop (arXiv 2406.15786): drop the sub-blocks whose output is most cosine-similar to their input."""
     candidates = sorted(int(i) for i in similarity)
-    n = resolve_skip_count(num_layers, len(candidates), skip_ratio, skip_layers)
     order = sorted(candidates, key=lambda i: (-similarity[i], -i))
-    return SkipPlan(
-        base_model=base_model,
-        fingerprint=fingerprint,
-        num_layers=num_layers,
-        target=target,
-        method="attention-drop",
-        skip=order[:n],
-        candidates=candidates,
-        scores={str(i): round(float(similarity[i]), 6) for i in candidates},
-        calibration=calibration or {},
-        **source,
-    )
+    return _plan_from_order("attention-drop", order, candidates, {i: similarity[i] for i in candidates},
+                            num_layers=num_layers, skip_ratio=skip_ratio, skip_layers=skip_layers,
+                            calibration=calibration, base_model=base_model, fingerprint=fingerprint, target=target,
+                            **source)
 
 
 @torch.no_grad()
@@ -246,21 +256,10 @@ def plan_from_loss_search(
     **source: Any,
 ) -> SkipPlan:
     """The first k layers of a :func:`greedy_loss_search` removal order as a plan."""
-    n = resolve_skip_count(num_layers, len(candidates), skip_ratio, skip_layers)
-    if n > len(removal):
-        raise DataError(f"the search removed {len(removal)} layers; the plan needs {n}")
-    return SkipPlan(
-        base_model=base_model,
-        fingerprint=fingerprint,
-        num_layers=num_layers,
-        target=target,
-        method="loss-search",
-        skip=[layer for layer, _ in removal[:n]],
-        candidates=sorted(candidates),
-        scores={str(layer): round(float(ppl), 6) for layer, ppl in removal},
-        calibration=calibration or {},
-        **source,
-    )
+    return _plan_from_order("loss-search", [layer for layer, _ in removal], candidates, dict(removal),
+                            num_layers=num_layers, skip_ratio=skip_ratio, skip_layers=skip_layers,
+                            calibration=calibration, base_model=base_model, fingerprint=fingerprint, target=target,
+                            **source)
 
 
 @torch.no_grad()
