@@ -118,6 +118,22 @@ def test_other_targets_and_granularities_tune(tmp_path, tokenizer, target, granu
     assert result.routed.config.target == target and len(result.execution_rates) == 2
 
 
+def test_kl_objective_with_copy_blocks_tunes_and_is_recorded(tmp_path, tokenizer):
+    loaded = _loaded(tokenizer)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    result = tune(loaded, TuneSettings(steps=3, objective="kl", repeat_fraction=0.5, **SMALL), tmp_path / "r",
+                  progress=False, measure_perplexity=False)
+    assert all(torch.equal(before[k], v) for k, v in result.routed.unwrap().state_dict().items())
+    assert any(torch.count_nonzero(r.proj.weight) for r in result.routed.routers.values())
+    cfg = json.loads((tmp_path / "r" / "router_config.json").read_text())
+    assert cfg["training"]["objective"] == "kl" and cfg["training"]["repeat_fraction"] == 0.5
+    assert all(h["loss"] >= 0 for h in result.history)  # a KL divergence
+    with pytest.raises(DataError):
+        TuneSettings(objective="ce").validate()
+    with pytest.raises(DataError):
+        TuneSettings(repeat_fraction=2.0).validate()
+
+
 def test_each_architecture_tunes(tmp_path, tokenizer, arch):
     result = tune(_loaded(tokenizer, arch), TuneSettings(steps=1, **SMALL), tmp_path / arch, progress=False,
                   measure_perplexity=False)
