@@ -46,6 +46,25 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def read_artifact(path: str | os.PathLike, *, what: str, format: str | None = None) -> dict[str, Any]:
+    """A JSON artifact this project wrote, or one clear ``ArtifactMismatch``: missing file, invalid JSON, not an
+    object, or (``format`` given) another format. ``what`` names the artifact in the message."""
+    from .errors import ArtifactMismatch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactMismatch(f"{what} not found: {path}")
+    try:
+        data = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactMismatch(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ArtifactMismatch(f"{path} is not a {what}")
+    if format is not None and data.get("format") != format:
+        raise ArtifactMismatch(f"{path} is not a {what} (format {data.get('format')!r}, expected {format!r})")
+    return data
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a staging folder next to ``path``; on success it replaces ``path`` in one rename.

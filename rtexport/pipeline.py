@@ -285,7 +285,7 @@ class Pipeline:
         return "float16" if self.loaded.device.type == "cuda" else "float32"
 
     def stage_export(self, plan_key: str) -> StageRecord:
-        from .onnx.export import export_onnx
+        from .onnx.export import export_onnx, load_export_info
         from .tuning.trainer import load_tuned
 
         key = _hash(plan_key, self.s.key("onnx_modes", "onnx_dtype", "opset", "attention"))
@@ -306,7 +306,7 @@ class Pipeline:
                     finally:
                         routed.unwrap()
                 results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset,
-                                 "attention": json.loads((path.parent / "export_info.json").read_text()).get("attention"),
+                                 "attention": load_export_info(path.parent).get("attention"),
                                  "bytes": sum(f.stat().st_size for f in path.parent.glob("model.onnx*"))}
             return results
 

@@ -13,7 +13,6 @@ perplexity after each greedy removal (loss-search; the order in which layers wer
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Iterable
 import torch
 
 from .errors import ArtifactMismatch, DataError
-from .fsutil import write_json_atomic
+from .fsutil import read_artifact, write_json_atomic
 
 PLAN_FORMAT = "rtexport.skip_plan/1"
 METHODS = ("router-tuning", "attention-drop", "loss-search", "manual")
@@ -84,15 +83,7 @@ class SkipPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "SkipPlan":
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactMismatch(f"plan file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtifactMismatch(f"{path} is not valid JSON: {e}") from None
-        if d.get("format") != PLAN_FORMAT:
-            raise ArtifactMismatch(f"{path} is not an rtexport skip plan (format {d.get('format')!r})")
+        d = read_artifact(path, what="rtexport skip plan", format=PLAN_FORMAT)
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 

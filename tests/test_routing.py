@@ -202,3 +202,24 @@ def test_sampled_gate_is_bernoulli_forward_identity_backward():
     assert abs(float(gate.detach().mean()) - 0.3) < 0.02
     gate.sum().backward()
     assert torch.equal(score.grad, torch.ones_like(score))
+
+
+def test_corrupted_artifacts_give_one_clear_error(tmp_path):
+    """Every JSON artifact loader (plans, router configs, ONNX export records, pruned manifests) reads through
+    fsutil.read_artifact: a broken file is an ArtifactMismatch, never a JSONDecodeError traceback."""
+    from rtexport.errors import ArtifactMismatch
+    from rtexport.onnx.export import INFO_NAME, load_export_info
+    from rtexport.planning import SkipPlan
+    from rtexport.pruning import read_manifest
+    from rtexport.pruning.writer import MANIFEST_NAME
+    from rtexport.routing.config import CONFIG_NAME, RouterConfig
+
+    for name in (CONFIG_NAME, INFO_NAME, MANIFEST_NAME, "plan.json"):
+        (tmp_path / name).write_text("{not json")
+    for load in (lambda: RouterConfig.load(tmp_path), lambda: load_export_info(tmp_path),
+                 lambda: read_manifest(tmp_path), lambda: SkipPlan.load(tmp_path / "plan.json")):
+        with pytest.raises(ArtifactMismatch, match="not valid JSON"):
+            load()
+    (tmp_path / "plan.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ArtifactMismatch, match="expected 'rtexport.skip_plan"):
+        SkipPlan.load(tmp_path / "plan.json")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactMismatch, DataError
-from ..fsutil import atomic_directory, file_sha256, read_json, write_json_atomic
+from ..fsutil import atomic_directory, file_sha256, read_artifact, write_json_atomic
 from .graph_model import ATTENTION_KINDS, MODES, DecoderGraph, GraphSpec, build_spec
 
 GRAPH_NAME = "model.onnx"
@@ -415,9 +415,7 @@ def load_export_info(folder: str | Path) -> dict[str, Any]:
     path = folder / INFO_NAME
     if not path.is_file():
         raise ArtifactMismatch(f"{folder} holds no {INFO_NAME}: not an rtexport ONNX export")
-    info = read_json(path)
-    if info.get("format") != INFO_FORMAT:
-        raise ArtifactMismatch(f"{path} has format {info.get('format')!r}, expected {INFO_FORMAT}")
+    info = read_artifact(path, what="rtexport ONNX export record", format=INFO_FORMAT)
     for name, meta in info.get("files", {}).items():
         f = folder / name
         if not f.is_file():

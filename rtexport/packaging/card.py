@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ArtifactMismatch
 from ..evaluation.compare import format_layers, quality_table
-from ..fsutil import atomic_directory, read_json, write_text_atomic
+from ..fsutil import atomic_directory, read_artifact, write_text_atomic
 from . import licenses, plots as figures
 
 REPORT_FORMAT = "rtexport.report/1"
@@ -141,13 +141,7 @@ def _read_report(report: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any
     if isinstance(report, Mapping):
         data = dict(report)
     else:
-        path = Path(report)
-        if not path.is_file():
-            raise ArtifactMismatch(f"report not found: {path}")
-        try:
-            data = read_json(path)
-        except json.JSONDecodeError as e:
-            raise ArtifactMismatch(f"{path} is not valid JSON: {e}") from None
+        data = read_artifact(report, what="rtexport pipeline report")
     if data.get("format") != REPORT_FORMAT:
         raise ArtifactMismatch(f"not an rtexport pipeline report (format {data.get('format')!r}, "
                                f"expected {REPORT_FORMAT!r})")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactMismatch
+from ..fsutil import read_artifact
 from ..models.loading import parse_dtype, resolve_device
 from .writer import MANIFEST_NAME, PRUNED_FORMAT
 
@@ -29,15 +29,9 @@ class PrunedModel:
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """``rtexport_prune.json`` of a pruned folder, checked to be one (a clear error for anything else)."""
     directory = Path(directory)
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
+    if not (directory / MANIFEST_NAME).is_file():
         raise ArtifactMismatch(f"{directory} is not a pruned model folder (no {MANIFEST_NAME})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactMismatch(f"{path} is not valid JSON: {e}") from None
-    if manifest.get("format") != PRUNED_FORMAT:
-        raise ArtifactMismatch(f"{path} has format {manifest.get('format')!r}, expected {PRUNED_FORMAT!r}")
+    manifest = read_artifact(directory / MANIFEST_NAME, what="pruned-model manifest", format=PRUNED_FORMAT)
     missing = [name for name in manifest.get("files", {}) if not (directory / name).is_file()]
     if missing:
         raise ArtifactMismatch(f"{directory} is incomplete: missing {', '.join(missing)}")

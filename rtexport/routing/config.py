@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,9 @@ class RouterConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise ArtifactMismatch(f"{directory} holds no {CONFIG_NAME}: not a router folder")
-        return cls.from_dict(json.loads(path.read_text()))
+        from ..fsutil import read_artifact
+
+        return cls.from_dict(read_artifact(path, what="router config"))
 
     def check_model(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
