@@ -155,12 +155,18 @@ def test_decisions_are_held_through_generation():
     routed = RoutedModel.from_model(base, layers=[2, 3, 4])
     _randomise_routers(routed, seed=5)
     ids = torch.randint(0, 250, (1, 9))
+    calls = []  # the routers run at prefill only: decode steps reuse what the prefill resolved
+    hooks = [r.register_forward_hook(lambda *_: calls.append(1)) for r in routed.routers.values()]
     with torch.no_grad(), routed.threshold(0.5):
         routed(input_ids=ids)
         at_prefill = routed.decisions()
+        calls.clear()
         out = routed.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
         after = routed.decisions()
+    for h in hooks:
+        h.remove()
     assert out.shape[1] == 15
+    assert len(calls) == 3  # one prefill of 3 routed layers, then 5 decode steps without a router call
     assert {k: v.tolist() for k, v in at_prefill.items()} == {k: v.tolist() for k, v in after.items()}
 
 

@@ -38,6 +38,9 @@ class RoutingState:
     padding_mask: torch.Tensor | None = None
     is_prefill: bool = True
     held: dict[int, torch.Tensor] = field(default_factory=dict)
+    # what each layer's held decision resolves to (None: run, False: skip, or the per-sequence multiplier), computed
+    # once at prefill so decode steps read no decision back from the device
+    held_gate: dict[int, torch.Tensor | bool | None] = field(default_factory=dict)
     forced: dict[int, bool] | None = None
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     gates: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -105,21 +108,24 @@ class RoutedDecoderLayer(nn.Module):
             st.gates[self.index] = gate
             return gate.to(normed.dtype).reshape(gate.shape[0], -1, 1)
         # hard inference
-        if self.granularity == "sequence" and not st.is_prefill and self.index in st.held:
-            decision = st.held[self.index]
-        else:
-            score = self.router(normed, pad, self.granularity)
-            decision = score >= st.threshold
-            st.scores[self.index] = score
-            if self.granularity == "sequence":
-                st.held[self.index] = decision
-            if st.recording is not None:
-                st.recording.setdefault(self.index, []).append(score.detach().float().cpu())
+        if self.granularity == "sequence" and not st.is_prefill and self.index in st.held_gate:
+            return st.held_gate[self.index]
+        score = self.router(normed, pad, self.granularity)
+        decision = score >= st.threshold
+        st.scores[self.index] = score
+        if st.recording is not None:
+            st.recording.setdefault(self.index, []).append(score.detach().float().cpu())
+        gate: torch.Tensor | bool | None
         if bool(decision.all()):
-            return None
-        if not bool(decision.any()):
-            return False
-        return decision.to(normed.dtype).reshape(decision.shape[0], -1, 1)
+            gate = None
+        elif not bool(decision.any()):
+            gate = False
+        else:
+            gate = decision.to(normed.dtype).reshape(decision.shape[0], -1, 1)
+        if self.granularity == "sequence":
+            st.held[self.index] = decision
+            st.held_gate[self.index] = gate
+        return gate
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def _attention(self, normed: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -263,6 +269,7 @@ class RoutedModel(nn.Module):
         st.is_prefill = _cache_length(cache) == 0
         if st.is_prefill:
             st.held = {}
+            st.held_gate = {}
         st.padding_mask = mask if (mask is not None and mask.dim() == 2) else None
         st.scores = {}
         st.gates = {}
