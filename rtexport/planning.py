@@ -379,6 +379,6 @@ def make_plan(
         n = loaded.model.config.num_hidden_layers
         cand = parse_layers(layers, n)
         k = resolve_skip_count(n, len(cand), skip_ratio, skip_layers)
-        removal = greedy_loss_search(loaded.model, calib.to(loaded.device), cand, k, target=target, batch_size=batch_size)
+        removal = greedy_loss_search(loaded.model, calib, cand, k, target=target, batch_size=batch_size)
         return plan_from_loss_search(removal, cand, target=target, **common)
     raise DataError(f"unknown plan method {method!r}: use router-tuning, attention-drop or loss-search")

@@ -1,8 +1,9 @@
 """How good can a static skip plan be on the held-out text itself? A bound for the plan-quality comparison.
 
 Runs the greedy loss search (``rtexport.planning.greedy_loss_search``) on the *held-out* blocks, the text the plans
-are judged on: the plan it finds has seen the test text, so no method that chooses on other text should be expected
-to beat it. Prints the removal order with the held-out perplexity after each removal.
+are judged on. The plan it finds has seen the test text, so it is a strong reference for methods that choose on other
+text; it is greedy, not an exhaustive optimum, so a better plan may exist. Prints the removal order with the held-out
+perplexity after each removal.
 
     python examples/benchmarks/heldout_oracle.py --layers 1-28 --skip 8 --out oracle.json
 """
