@@ -100,12 +100,21 @@ def test_gated_graph_has_one_block_if_per_routed_layer_on_host_inputs(arch):
     case = exported(arch, "gated")
     model = onnx.load(str(case.onnx_dir / "model.onnx"), load_external_data=False)
     ifs = [n for n in model.graph.node if n.op_type == "If"]
-    # per routed layer: the sub-block's If on the host-side input run_layer.{i}, and the decision's If (router at
-    # prefill, held decisions afterwards) on a flag computed from input shapes (also host-side; see
-    # test_onnx_attention.py for the check that no host value reaches device arithmetic)
-    assert len(ifs) == 2 * len(ROUTED_LAYERS)
-    on_inputs = sorted(n.input[0] for n in ifs if n.input[0].startswith("run_layer."))
-    assert on_inputs == [f"run_layer.{i}" for i in ROUTED_LAYERS]
+    # per routed layer one If on the prefill flag (computed from input shapes, host-side; see test_onnx_attention.py
+    # for the check that no host value reaches device arithmetic), holding the sub-block's If in each branch:
+    # at prefill on the router's decisions (any sequence runs it), at decode on the host input run_layer.{i}
+    assert len(ifs) == len(ROUTED_LAYERS)
+    assert len({n.input[0] for n in ifs}) == 1 and not ifs[0].input[0].startswith("run_layer.")
+    on_inputs = []
+    for n in ifs:
+        branches = {a.name: a.g for a in n.attribute}
+        assert set(branches) == {"then_branch", "else_branch"}
+        inner = {k: [x for x in g.node if x.op_type == "If"] for k, g in branches.items()}
+        assert len(inner["then_branch"]) == len(inner["else_branch"]) == 1
+        assert not inner["then_branch"][0].input[0].startswith("run_layer.")  # the routers' decision
+        assert [x.op_type for x in branches["else_branch"].node] == ["If"]  # decode: no router, nothing else
+        on_inputs.append(inner["else_branch"][0].input[0])
+    assert sorted(on_inputs) == [f"run_layer.{i}" for i in ROUTED_LAYERS]
     inputs = {i.name: i for i in model.graph.input}
     for i in ROUTED_LAYERS:
         t = inputs[f"run_layer.{i}"].type.tensor_type
@@ -171,6 +180,30 @@ def test_gated_parity_takes_each_branch(arch):
         out = ort_model.forward(more.numpy(), full_mask.numpy(), cache=step.cache)
         assert max_diff_real(out.logits, ref2, torch.ones(b, 2)) <= ATOL
     assert all(taken.values()), f"not every branch was exercised: {taken}"
+
+
+def test_gated_prefill_runs_only_the_sub_blocks_some_sequence_needs():
+    """At prefill the routers decide inside the graph and a routed attention no sequence of the batch needs is not
+    run: its present is the placeholder of zeros (the graph before this ran every routed block at prefill and
+    masked the result, so its present held the layer's real keys)."""
+    case = exported("llama", "gated")
+    ort_model = OrtCausalLM(case.onnx_dir)
+    patterns = branch_inputs(case)
+    for pattern, seqs in sorted(patterns.items()):
+        batch = left_pad(seqs[:2])
+        ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(batch["attention_mask"]).numpy(),
+                 "routing_decisions": np.ones((2, len(ROUTED_LAYERS)), dtype=np.bool_)}
+        for i in range(NUM_LAYERS):
+            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((2, 2, 0, 16),
+                                                                                               np.float32)
+        feeds.update({f"run_layer.{i}": np.array(True) for i in ROUTED_LAYERS})
+        names = ["decisions"] + [f"present.{i}.key" for i in ROUTED_LAYERS]
+        decisions, *presents = ort_model.session.run(names, feeds)
+        assert decisions.tolist() == [list(pattern)] * 2
+        for r, present in enumerate(presents):
+            assert present.shape == (2, 2, ids.shape[1], 16)
+            assert bool(np.abs(present).max() > 0) == pattern[r], (pattern, r)
 
 
 @pytest.mark.parametrize("arch,mode", [("llama", "static"), ("llama", "gated"), ("qwen2", "gated")])

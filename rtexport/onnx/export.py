@@ -55,14 +55,16 @@ def _versions() -> dict[str, str]:
 def _example_inputs(graph: DecoderGraph, device: torch.device, dtype: torch.dtype) -> tuple[Any, ...]:
     """Tracing inputs: sizes that no two dimensions share (and none is 0 or 1), so nothing gets specialised."""
     spec = graph.spec
-    b, t, p = 2, 3, 5
+    # a routed layer's cache has its own length (empty while the layer is skipped, else the shared length), so its
+    # example is shorter than the shared cache and differs per layer
+    b, t, p = 2, 3, 6 + len(spec.kv_layers)
     vocab = int(graph.embed_tokens.weight.shape[0])
     ids = torch.randint(0, vocab, (b, t), device=device)
     mask = torch.ones(b, p + t, dtype=torch.int64, device=device)
     pos = torch.arange(p, p + t, device=device)[None].expand(b, t).contiguous()
     past = []
     for n, i in enumerate(spec.kv_layers):
-        length = p + 2 + n if spec.routes_attention(i) else p  # a routed layer's cache has its own length
+        length = 4 + n if spec.routes_attention(i) else p
         shape = (b, graph.num_kv_heads, length, graph.head_dim)
         past += [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
     if spec.mode == "static":
@@ -332,16 +334,20 @@ def export_onnx(
                                              # while no sequence runs them (read by runtime.OrtCausalLM)
                                              "rtexport.gated_kv_layers": ",".join(map(str, gated_kv))})
             check_graph(graph_path)
-            # per routed layer, the sub-block's If on the run_layer.{i} input and (prefill_select "cond") the
-            # decision's If (router at prefill, held decisions afterwards) on a flag computed from input shapes
-            if_nodes = _count_ops(graph_path, "If")
-            if if_nodes != (2 if prefill_select == "cond" else 1) * len(spec.routed_layers):
+            # per routed layer one If in the main graph: on the host-side prefill flag (prefill_select "cond"),
+            # with the sub-block's If in each branch, or on the run_layer.{i} input ("logical")
+            per_layer = {"cond": (1, 3), "logical": (1, 1)}[prefill_select]
+            if_nodes = (_count_ops(graph_path, "If"), _count_ops(graph_path, "If", subgraphs=True))
+            if if_nodes != tuple(k * len(spec.routed_layers) for k in per_layer):
                 raise ArtifactMismatch(
-                    f"the exported graph holds {if_nodes} If nodes for {len(spec.routed_layers)} routed layers"
+                    f"the exported graph holds {if_nodes[0]} If nodes ({if_nodes[1]} with their branches) for "
+                    f"{len(spec.routed_layers)} routed layers"
                 )
             if attention == "fused":
                 fused = _count_ops(graph_path, "Attention", subgraphs=True)
-                if fused != len(spec.attention_layers):
+                # a routed attention sits in both branches of its prefill If (prefill_select "cond")
+                twice = len([i for i in spec.routed_layers if spec.routes_attention(i)]) if prefill_select == "cond" else 0
+                if fused != len(spec.attention_layers) + twice:
                     raise ArtifactMismatch(
                         f"the exported graph holds {fused} ONNX Attention nodes for {len(spec.attention_layers)} "
                         f"attention layers (torch {torch.__version__} did not translate scaled_dot_product_attention); "

@@ -290,24 +290,15 @@ class DecoderGraph(nn.Module):
         return torch.where(allowed, zero, low)
 
     @staticmethod
-    def _aligned_mask(attention_mask: torch.Tensor, seq_len: int, key_len: int, window: int | None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Like ``_additive_mask`` for ``key_len`` keys that are the last ``key_len`` cache positions.
+    def _key_slice(mask: torch.Tensor, key_len: int) -> torch.Tensor:
+        """The shared (B,1,T,P+T) mask for a layer whose cache holds only the last ``key_len`` positions.
 
-        Positions are computed as values (arange + offset, gather), so the exported graph keeps the layer's cache
-        length and the mask length as independent dimensions.
+        A routed layer's cache has its own length (empty while the layer is skipped); slicing the shared mask keeps
+        the exported graph's cache dimension for that layer independent of the mask's (a Slice whose start is a
+        host-side shape value: no host-to-device copy).
         """
-        total = attention_mask.shape[1]
-        k_pos = torch.arange(total - key_len, total, device=attention_mask.device)
-        q_pos = torch.arange(total - seq_len, total, device=attention_mask.device)
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if window is not None:
-            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        index = k_pos[None, :].expand(attention_mask.shape[0], key_len)
-        real = torch.gather(attention_mask, 1, index) > 0
-        allowed = allowed[None, None] & real[:, None, None, :]
-        zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
-        return torch.where(allowed, zero, low)
+        torch._check(key_len <= mask.shape[3])
+        return mask.narrow(3, mask.shape[3] - key_len, key_len)
 
     def _mask_dtype(self, activations: torch.dtype) -> torch.dtype:
         """The explicit attention adds the mask to float32 scores; the fused one takes it in the activations' dtype."""
@@ -373,35 +364,12 @@ class DecoderGraph(nn.Module):
         b, h, p, d = pk.shape
         return pk.new_zeros(b, h, p + t, d), pv.new_zeros(b, h, p + t, d)
 
-    def _router_decision(
-        self, layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float,
-        given: torch.Tensor, is_prefill: torch.Tensor,
-    ) -> torch.Tensor:
-        """(B,) bool: the router's decision at prefill, the held decision (``given``) afterwards.
-
-        ``attention_mask`` is the (B, P+T) mask; the router pools over the real tokens of this step's positions.
-        The choice is a ``torch.cond`` (an ONNX ``If``) on ``is_prefill``, which the graph computes from input
-        shapes: ONNX Runtime keeps it on the host, where ``If`` reads its condition, so neither step copies
-        anything between host and device for it (mixing the host-side flag into device arithmetic would), and
-        decode steps do not run the router at all. ``prefill_select="logical"`` computes both and selects with
-        logical ops instead (for exporters that cannot trace this nested ``cond``).
-        """
-
-        def score(normed, attention_mask, given):
-            pad = attention_mask[:, attention_mask.shape[1] - normed.shape[1]:]
-            pooled = _masked_mean(normed.to(torch.float32), pad)
-            return torch.sigmoid((pooled @ layer.router.weight.t()).squeeze(-1)) >= threshold
-
-        def held(normed, attention_mask, given):
-            return given.clone()
-
-        if self.prefill_select == "logical":
-            # (ONNX Runtime has no bool Where kernel: select with logical ops)
-            return (is_prefill & score(normed, attention_mask, given)) | (~is_prefill & given)
-        dec = torch.cond(is_prefill, score, held, (normed, attention_mask, given))
-        # the branches size their outputs from different inputs: tell the tracer they agree (the batch)
-        torch._check(dec.shape[0] == given.shape[0])
-        return dec
+    def _score(self, layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float
+               ) -> torch.Tensor:
+        """(B,) bool: the router's decision for this step's tokens (masked mean over the real ones, float32)."""
+        pad = attention_mask[:, attention_mask.shape[1] - normed.shape[1]:]
+        pooled = _masked_mean(normed.to(torch.float32), pad)
+        return torch.sigmoid((pooled @ layer.router.weight.t()).squeeze(-1)) >= threshold
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(
@@ -458,50 +426,105 @@ class DecoderGraph(nn.Module):
         outputs.append(logits[:, -1].clone())
         return tuple(outputs)
 
-    def _routed_layer(self, i, layer, x, kv, cos, sin, mask, attention_mask, given, is_prefill, run):
-        """One routed sub-block in a ``torch.cond`` on ``run`` (the host-side ``run_layer.{i}`` input).
+    def _sub_block(self, layer: _Layer):
+        """The routed sub-block as ``(taken, skipped)`` branch functions of ``(*operands, dec)``: for attention or
+        whole-block routing the operands are ``(x, normed, past_k, past_v, cos, sin, mask)`` and the branches
+        return ``(x, present_k, present_v, dec)``; for MLP routing they are ``(x, normed)`` and the branches
+        return ``(x, dec)`` (the layer's attention and cache stay outside the ``If``).
 
-        The router's decision and the layer's own attention mask are computed before the ``If`` (a few small ops
-        on (B, T, H)); the branches hold only the sub-block, which keeps the traced subgraphs small.
+        ``taken`` runs the sub-block for the whole batch and keeps its output only for the sequences whose decision
+        ``dec`` says run (a ``Where``: each sequence gets exactly its own result); ``skipped`` returns ``x``
+        unchanged and, for attention, a placeholder cache (see ``_unused_present``).
+        """
+        target = self.spec.target
+        if target == "mlp":
+
+            def taken_mlp(x, normed, dec):
+                return torch.where(dec[:, None, None], x + layer.mlp(normed), x), dec.clone()
+
+            def skipped_mlp(x, normed, dec):
+                return x.clone(), torch.zeros_like(dec)
+
+            return taken_mlp, skipped_mlp
+
+        def taken(x, normed, pk, pv, cos, sin, mask, dec):
+            own = self._key_slice(mask, pk.shape[2] + x.shape[1])
+            out, k, v = self._attention(layer, normed, pk, pv, cos, sin, own)
+            h = x + out
+            if target == "block":
+                h = h + layer.mlp(layer.mlp_norm(h))
+            return torch.where(dec[:, None, None], h, x), k, v, dec.clone()
+
+        def skipped(x, normed, pk, pv, cos, sin, mask, dec):
+            k, v = self._unused_present(pk, pv, x.shape[1])
+            return x.clone(), k, v, torch.zeros_like(dec)
+
+        return taken, skipped
+
+    def _routed_layer(self, i, layer, x, kv, cos, sin, mask, attention_mask, given, is_prefill, run):
+        r"""One routed sub-block; returns ``(x, (present_k, present_v) or None, decision)``.
+
+        ``prefill_select="cond"`` (torch >= 2.13): an ``If`` on the host-side prefill flag (computed from input
+        shapes) holds two ``If``\ s around the sub-block. Prefill branch: the router scores the sequences and the
+        sub-block's ``If`` runs it only when some sequence of the batch needs it (that condition is computed on the
+        device, so ONNX Runtime copies one bool to the host: once per routed layer, at prefill only). Decode
+        branch: the held decisions (``routing_decisions``) and the sub-block's ``If`` on the host input
+        ``run_layer.{i}``; no router, no host/device copy.
+
+        ``prefill_select="logical"`` (older exporters, which cannot trace that nesting): the router's and the held
+        decisions are selected with logical ops and the sub-block's ``If`` is on ``run_layer.{i}`` at every step,
+        so a prefill runs every routed sub-block that ``run_layer.{i}`` allows.
         """
         spec = self.spec
-        t = x.shape[1]
         if spec.target == "mlp":
             if layer.has_attn:
                 out, k, v = self._attention(layer, layer.attn_norm(x), *kv, cos, sin, mask)
                 x = x + out
                 kv = (k, v)
             normed = layer.mlp_norm(x)
-            dec = self._router_decision(layer, normed, attention_mask, spec.threshold, given, is_prefill)
+            operands: tuple[torch.Tensor, ...] = (x, normed)
+        else:
+            normed = layer.attn_norm(x)
+            operands = (x, normed, kv[0], kv[1], cos, sin, mask)
+        taken, skipped = self._sub_block(layer)
+        threshold = spec.threshold
 
-            def taken(x, normed, dec):
-                return torch.where(dec[:, None, None], x + layer.mlp(normed), x), dec.clone()
+        mlp = spec.target == "mlp"
 
-            def skipped(x, normed, dec):
-                return x.clone(), torch.zeros_like(dec)
+        def agreed(result, ops, dec):
+            # the branches size their outputs from different inputs: tell the tracer what they agree on
+            x = ops[0]
+            shapes = [x.shape, dec.shape]
+            if not mlp:
+                b, h, p, d = ops[2].shape
+                shapes[1:1] = [(b, h, p + x.shape[1], d)] * 2
+            for value, shape in zip(result, shapes):
+                for have, want in zip(value.shape, shape):
+                    torch._check(have == want)
+            return result
 
-            x, dec = torch.cond(run, taken, skipped, (x, normed, dec))
-            return x, (kv if layer.has_attn else None), dec
+        if self.prefill_select == "logical":
+            # (ONNX Runtime has no bool Where kernel: select with logical ops)
+            dec = (is_prefill & self._score(layer, normed, attention_mask, threshold)) | (~is_prefill & given)
+            result = agreed(torch.cond(run, taken, skipped, (*operands, dec)), operands, given)
+        else:
+            n = len(operands)
 
-        normed = layer.attn_norm(x)
-        dec = self._router_decision(layer, normed, attention_mask, spec.threshold, given, is_prefill)
-        # the layer's cache has its own length (empty while the layer is skipped): its mask is built for it
-        own_mask = self._aligned_mask(attention_mask, t, kv[0].shape[2] + t, spec.sliding_windows.get(i),
-                                      self._mask_dtype(x.dtype))
-        whole_block = spec.target == "block"
+            def prefill(*args):
+                ops, given, run, attention_mask = args[:n], args[n], args[n + 1], args[n + 2]
+                dec = self._score(layer, ops[1], attention_mask, threshold) & run
+                return agreed(torch.cond(dec.any(), taken, skipped, (*ops, dec)), ops, given)
 
-        def taken(x, normed, pk, pv, dec, cos, sin, own_mask):
-            out, k, v = self._attention(layer, normed, pk, pv, cos, sin, own_mask)
-            h = x + out
-            if whole_block:
-                h = h + layer.mlp(layer.mlp_norm(h))
-            return torch.where(dec[:, None, None], h, x), k, v, dec.clone()
+            def decode(*args):
+                ops, given, run = args[:n], args[n], args[n + 1]
+                return agreed(torch.cond(run, taken, skipped, (*ops, given)), ops, given)
 
-        def skipped(x, normed, pk, pv, dec, cos, sin, own_mask):
-            k, v = self._unused_present(pk, pv, x.shape[1])
-            return x.clone(), k, v, torch.zeros_like(dec)
-
-        x, k, v, dec = torch.cond(run, taken, skipped, (x, normed, kv[0], kv[1], dec, cos, sin, own_mask))
-        if not whole_block and layer.has_mlp:
+            result = agreed(torch.cond(is_prefill, prefill, decode, (*operands, given, run, attention_mask)),
+                            operands, given)
+        if spec.target == "mlp":
+            x, dec = result
+            return x, kv, dec
+        x, k, v, dec = result
+        if spec.target == "attn" and layer.has_mlp:  # the layer's MLP is not routed
             x = x + layer.mlp(layer.mlp_norm(x))
         return x, (k, v), dec
