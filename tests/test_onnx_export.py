@@ -115,6 +115,12 @@ def test_gated_graph_has_one_block_if_per_routed_layer_on_host_inputs(arch):
         assert [x.op_type for x in branches["else_branch"].node] == ["If"]  # decode: no router, nothing else
         on_inputs.append(inner["else_branch"][0].input[0])
     assert sorted(on_inputs) == [f"run_layer.{i}" for i in ROUTED_LAYERS]
+    # a routed attention's weights are used in two branches and stored once, under the model's parameter names
+    weights = onnx.load(str(case.onnx_dir / "model.onnx"), load_external_data=False).graph.initializer
+    stored = [t.name for t in weights if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(stored) == len(set(stored)) and not [n for n in stored if n.startswith("val_")]
+    for i in ROUTED_LAYERS:
+        assert f"layers.{i}.q_proj.weight.T" in stored
     inputs = {i.name: i for i in model.graph.input}
     for i in ROUTED_LAYERS:
         t = inputs[f"run_layer.{i}"].type.tensor_type

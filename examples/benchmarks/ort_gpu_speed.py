@@ -1,20 +1,27 @@
 """ONNX Runtime (CUDA EP) speed of rtexport's graphs, side by side in one run:
 
-* gated graph (every routed attention block in an ONNX ``If``, decisions fed back as host inputs) against the static
-  graph with the same active layers;
-* ORT CUDA EP (static graph) against PyTorch SDPA running the same pruned model (rtexport's pruned folder).
+* gated graph (every routed attention block in an ONNX ``If``; the routers decide at prefill, the decisions are fed
+  back as host inputs at decode) against the static graph with the same active layers;
+* ORT CUDA EP (static graph) against PyTorch SDPA running the same pruned model (rtexport's pruned folder), with
+  its decode step replayed as a CUDA graph (static cache) and run eagerly.
 
 A random-weight Llama-shaped model (``--shape``), fp16; the deepest ``--skip`` routed layers (never the last) are
-dropped. The gated graph's routers are set so that, on the benchmark prompt, they choose exactly the static plan's
-layers (kept: weight 0, score 0.5 → run; skipped: a weight opposite to the prompt's pooled hidden state), so both
-graphs run the same layers and the difference is the ``If`` machinery.
+dropped. The gated graph's routers are set on the measuring machine so that, on the benchmark prompt, they choose
+exactly the static plan's layers (kept: weight 0, score 0.5 → run; skipped: a weight opposite to the prompt's pooled
+hidden state), so both graphs run the same layers and the difference is the ``If`` machinery.
 
-    PYTHONPATH=.:/tmp/parts-unpacked python3 examples/benchmarks/ort_gpu_speed.py --shape llama3.2-1b --skip 4 --out $OUT
+Two phases, because the graphs should come from the exporter users get (torch >= 2.13 traces the gated graph's
+nested ``If``; the GPU machine's torch 2.11 does not) and a 1B fp16 graph's weights (2.5 GB) cannot be carried:
+
+    # here (torch 2.13): export both graphs and keep them without their weights (a few MB)
+    python examples/benchmarks/ort_gpu_speed.py export --shape llama3.2-1b --skip 4 --out graphs-1b
+    # on the GPU machine: build the same-shaped model there, write the graphs' weights from it, measure
+    python3 examples/benchmarks/ort_gpu_speed.py bench --graphs graphs-1b --out $OUT
 
 ``--attention fused`` (the default) exports opset 23 with one ONNX ``Attention`` node per layer; ``--attention
-explicit`` exports opset 18 with MatMul/Softmax attention (the graphs of the first measurement). ``--placement``
-also opens each graph once with ONNX Runtime's verbose log and reports, from that log, how many Memcpy nodes the CUDA
-EP added and which kernel the ``Attention`` nodes chose (flash, memory-efficient, unfused) at prefill and at decode.
+explicit`` exports opset 18 with MatMul/Softmax attention. ``bench --placement`` also opens each graph once with
+ONNX Runtime's verbose log and reports, from that log, how many Memcpy nodes the CUDA EP added and which kernel the
+``Attention`` nodes chose (flash, memory-efficient, unfused) at prefill and at decode.
 """
 
 from __future__ import annotations
@@ -94,49 +101,94 @@ EXTRA_SHAPES = {
                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                         max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                         tie_word_embeddings=False, attention_bias=False),
+    # a CPU dry run of both phases: vectors over 1 KiB, so every weight is in the weights file (smaller tensors
+    # stay inside model.onnx with the exporting machine's values, and fill refuses them)
+    "llama-dryrun": dict(model_type="llama", vocab_size=1000, hidden_size=1024, intermediate_size=2048,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, attention_bias=False),
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama3.2-1b")
-    ap.add_argument("--skip", type=int, default=4)
-    ap.add_argument("--prompt", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--out", default="ort-bench")
-    ap.add_argument("--attention", choices=("fused", "explicit"), default="fused",
-                    help="fused: opset 23, one ONNX Attention node per layer; explicit: opset 18 MatMul/Softmax")
-    ap.add_argument("--placement", action="store_true",
-                    help="also report Memcpy nodes and Attention kernel choices from ORT's verbose log")
-    args = ap.parse_args()
-    opset = 23 if args.attention == "fused" else 18
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import onnxruntime as ort
+def _model_and_plan(shape_name: str, skip_n: int, device: str, dtype: torch.dtype):
+    shape = EXTRA_SHAPES.get(shape_name) or SHAPES[shape_name]
+    model = random_model(shape, device=device, dtype=dtype).eval()
+    loaded = wrap_model(model, None, model_id=f"random-{shape_name}")
+    n = model.config.num_hidden_layers
+    candidates = list(range(n // 2, n - 1))
+    skip = candidates[-skip_n:]
+    plan = SkipPlan(base_model=loaded.source.model_id, fingerprint=loaded.fingerprint, num_layers=n, target="attn",
+                    method="manual", skip=skip, candidates=candidates)
+    return loaded, plan
+
+
+def export_phase(args) -> None:
+    """Export the static and the gated graph of the shape (fp16) and keep them without their weights."""
+    from graph_weights import strip
 
     from rtexport.onnx.export import export_onnx
+
+    out = Path(args.out)
+    loaded, plan = _model_and_plan(args.shape, args.skip, "cpu", torch.float16)
+    model = loaded.model
+    # distinct values for every vector (norm weights are all 1 in a random model; routers start at 0): the exporter
+    # stores equal initializers once, and the measuring machine fills each name from its own model
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for prm in model.parameters():
+            if prm.dim() == 1:
+                prm.add_(0.01 * torch.randn(prm.shape, generator=g).to(prm.dtype))
+    routed = RoutedModel.from_model(model, layers=plan.candidates, base_model_id=loaded.source.model_id)
+    with torch.no_grad():
+        for r in routed.routers.values():
+            r.proj.weight.copy_(torch.randn(r.proj.weight.shape, generator=g))
+    opset = 23 if args.attention == "fused" else 18
+    work = Path(tempfile.mkdtemp(prefix="ortexport-"))
+    seconds = {}
+    for mode in ("gated", "static"):
+        t = time.perf_counter()
+        if mode == "gated":
+            export_onnx(loaded, work / mode, mode="gated", routed=routed, dtype="float16", opset=opset,
+                        attention=args.attention)
+            routed.unwrap()
+        else:
+            export_onnx(loaded, work / mode, mode="static", plan=plan, dtype="float16", opset=opset,
+                        attention=args.attention)
+        seconds[mode] = round(time.perf_counter() - t, 1)
+        strip(work / mode, out / mode)
+        (work / mode / "model.onnx.data").unlink()
+        print(mode, "exported in", seconds[mode], "s", flush=True)
+    record = {"shape": args.shape, "skip": plan.skip, "candidates": plan.candidates, "attention": args.attention,
+              "opset": opset, "torch": torch.__version__, "export_seconds": seconds}
+    (out / "bench.json").write_text(json.dumps(record, indent=1))
+
+
+def bench_phase(args) -> None:
+    import onnxruntime as ort
+    from graph_weights import fill, graph_module_from_info
+
     from rtexport.onnx.runtime import OrtCausalLM
     from rtexport.pruning import load_pruned, prune
 
-    shape = EXTRA_SHAPES.get(args.shape) or SHAPES[args.shape]
+    graphs = Path(args.graphs)
+    record = json.loads((graphs / "bench.json").read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     t0 = time.perf_counter()
-    model = random_model(shape, device=args.device, dtype=dtype).eval()
-    loaded = wrap_model(model, None, model_id=f"random-{args.shape}")
-    n = model.config.num_hidden_layers
-    candidates = list(range(n // 2, n - 1))
-    skip = candidates[-args.skip:]
-    plan = SkipPlan(base_model=loaded.source.model_id, fingerprint=loaded.fingerprint, num_layers=n, target="attn",
-                    method="manual", skip=skip, candidates=candidates)
+    loaded, plan = _model_and_plan(record["shape"], len(record["skip"]), args.device, dtype)
+    assert plan.skip == record["skip"] and plan.candidates == record["candidates"], (plan, record)
+    model, skip, candidates = loaded.model, plan.skip, plan.candidates
     cell_p = Cell.prefill(args.batch, args.prompt)
     cell_d = Cell.decode(args.batch, args.prompt, args.new_tokens)
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
-    log = {"shape": args.shape, "skip": skip, "providers": ort.get_available_providers(), "ort": ort.__version__,
-           "torch": torch.__version__, "attention": args.attention, "opset": opset}
+    # the prompt the ORT timings use (rtexport.bench_run's, seed 0): the routers are set on it
+    import numpy as np
+
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(args.batch, args.prompt), dtype=np.int64))
+    log = {"export": record, "shape": record["shape"], "skip": skip, "providers": ort.get_available_providers(),
+           "ort": ort.__version__, "torch": torch.__version__, "batch": args.batch, "prompt": args.prompt,
+           "new_tokens": args.new_tokens}
 
     # routers that pick exactly the plan on this prompt
     routed = RoutedModel.from_model(model, layers=candidates, base_model_id=loaded.source.model_id)
@@ -160,32 +212,38 @@ def main() -> None:
     log["gated_skips_on_prompt"] = chosen
     print("gated routers skip", chosen, "plan", skip, flush=True)
 
-    work = Path(tempfile.mkdtemp(prefix="ortbench-"))
     t = time.perf_counter()
-    export_onnx(loaded, work / "gated", mode="gated", routed=routed, dtype="float16" if dtype == torch.float16 else "float32",
-                opset=opset, attention=args.attention)
-    log["export_gated_s"] = time.perf_counter() - t
+    fill(graphs / "gated", graph_module_from_info(loaded, graphs / "gated", routed=routed))
     routed.unwrap()
-    t = time.perf_counter()
-    export_onnx(loaded, work / "static", mode="static", plan=plan, dtype="float16" if dtype == torch.float16 else "float32",
-                opset=opset, attention=args.attention)
-    log["export_static_s"] = time.perf_counter() - t
-    print("exported", log["export_gated_s"], log["export_static_s"], flush=True)
+    fill(graphs / "static", graph_module_from_info(loaded, graphs / "static", plan=plan))
+    log["fill_seconds"] = time.perf_counter() - t
+    print("weights written", log["fill_seconds"], flush=True)
 
     # PyTorch SDPA on rtexport's pruned folder
+    work = Path(tempfile.mkdtemp(prefix="ortbench-"))
     prune(loaded, plan, work / "pruned")
     del model, loaded, routed
     torch.cuda.empty_cache() if args.device == "cuda" else None
     pruned = load_pruned(work / "pruned", dtype=dtype, device=args.device).model
     res = {}
-    res["torch_pruned"] = {"prefill_ms": time_prefill(pruned, args.batch, args.prompt, reps=args.reps).median_ms,
-                           "decode_ms": time_decode(pruned, args.batch, args.prompt, args.new_tokens, reps=3).median_ms}
+    res["torch_pruned"] = {
+        "prefill_ms": time_prefill(pruned, args.batch, args.prompt, reps=args.reps).median_ms,
+        "decode_ms": time_decode(pruned, args.batch, args.prompt, args.new_tokens, reps=3).median_ms,
+        "decode_eager_ms": time_decode(pruned, args.batch, args.prompt, args.new_tokens, reps=3,
+                                       cuda_graph=False).median_ms,
+    }
     print("torch", res["torch_pruned"], flush=True)
     del pruned
     torch.cuda.empty_cache() if args.device == "cuda" else None
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
+    # the gated graph's own routers must choose the plan on that prompt too
+    lm = OrtCausalLM(graphs / "gated", providers=providers)
+    step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)
+    log["ort_gated_skips_on_prompt"] = [i for r, i in enumerate(lm.routed_layers) if not step.cache.decisions[:, r].all()]
+    print("ORT gated graph skips", log["ort_gated_skips_on_prompt"], flush=True)
+    del lm, step
     for mode in ("static", "gated", "static", "gated"):  # two rounds, interleaved
-        lm = OrtCausalLM(work / mode, providers=providers)
+        lm = OrtCausalLM(graphs / mode, providers=providers)
         pre = _ort_prefill_ms(lm, cell_p, args.reps, vocab)
         dec = _ort_decode_ms(lm, cell_d, 3, vocab)
         r = res.setdefault(f"ort_{mode}", {"prefill_samples": [], "decode_samples": [], "provider": lm.session.get_providers()[0]})
@@ -196,23 +254,48 @@ def main() -> None:
     if args.placement:
         log["placement"] = {}
         for mode in ("static", "gated"):
-            log["placement"][mode] = placement_report(work / mode, providers, vocab, args.prompt,
-                                                      work / f"ort_verbose_{mode}.log")
+            log["placement"][mode] = placement_report(graphs / mode, providers, vocab, args.prompt,
+                                                      out / f"ort_verbose_{mode}.log")
             print(mode, json.dumps({k: v for k, v in log["placement"][mode].items() if k != "log"}), flush=True)
     for mode in ("static", "gated"):
         r = res[f"ort_{mode}"]
         r["prefill_ms"] = statistics.median(r["prefill_samples"])
         r["decode_ms"] = statistics.median(r["decode_samples"])
+    torch_ = res["torch_pruned"]
     ratios = {
         "gated_over_static_prefill": res["ort_gated"]["prefill_ms"] / res["ort_static"]["prefill_ms"],
         "gated_over_static_decode": res["ort_gated"]["decode_ms"] / res["ort_static"]["decode_ms"],
-        "ort_static_speedup_vs_torch_prefill": res["torch_pruned"]["prefill_ms"] / res["ort_static"]["prefill_ms"],
-        "ort_static_speedup_vs_torch_decode": res["torch_pruned"]["decode_ms"] / res["ort_static"]["decode_ms"],
+        "ort_static_speedup_vs_torch_prefill": torch_["prefill_ms"] / res["ort_static"]["prefill_ms"],
+        "ort_static_speedup_vs_torch_cuda_graph_decode": torch_["decode_ms"] / res["ort_static"]["decode_ms"],
+        "ort_static_speedup_vs_torch_eager_decode": torch_["decode_eager_ms"] / res["ort_static"]["decode_ms"],
     }
     log.update(results=res, ratios=ratios, seconds=time.perf_counter() - t0)
     (out / "ort_speed.json").write_text(json.dumps(log, indent=1))
     print(json.dumps(ratios, indent=1))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if not kk.endswith("samples")} for k, v in res.items()}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="phase", required=True)
+    ex = sub.add_parser("export", help="export both graphs (torch >= 2.13) and keep them without weights")
+    ex.add_argument("--shape", default="llama3.2-1b")
+    ex.add_argument("--skip", type=int, default=4)
+    ex.add_argument("--attention", choices=("fused", "explicit"), default="fused",
+                    help="fused: opset 23, one ONNX Attention node per layer; explicit: opset 18 MatMul/Softmax")
+    ex.add_argument("--out", required=True)
+    be = sub.add_parser("bench", help="write the graphs' weights from a model built here and measure")
+    be.add_argument("--graphs", required=True, help="the export phase's --out folder")
+    be.add_argument("--prompt", type=int, default=1024)
+    be.add_argument("--batch", type=int, default=1)
+    be.add_argument("--new-tokens", type=int, default=64)
+    be.add_argument("--reps", type=int, default=5)
+    be.add_argument("--device", default="cuda")
+    be.add_argument("--out", default="ort-bench")
+    be.add_argument("--placement", action="store_true",
+                    help="also report Memcpy nodes and Attention kernel choices from ORT's verbose log")
+    args = ap.parse_args()
+    export_phase(args) if args.phase == "export" else bench_phase(args)
 
 
 if __name__ == "__main__":

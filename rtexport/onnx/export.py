@@ -162,19 +162,33 @@ def make_readable(folder: Path) -> None:
             item.chmod((0o777 if os.access(item, os.X_OK) else 0o666) & ~mask)
 
 
-def _name_transposed_weights(model: Any) -> None:
-    """Linear layers export as ``MatMul(x, Transpose(W))``; the optimizer folds each transpose into a new weight.
-    Name those ``{W}.T`` (instead of ``val_123``) so the graph's weights keep the model's parameter names."""
+def _share_transposed_weights(model: Any) -> None:
+    """Linear layers export as ``MatMul(x, Transpose(W))`` and the optimizer folds each transpose into a new weight.
+    Give every weight one transpose, in the main graph, named ``{W}.T`` (instead of ``val_123``), so the graph's
+    weights keep the model's parameter names and a weight used in several ``If`` branches (a gated graph's routed
+    attention sits in its prefill and its decode branch) is stored once, not once per branch."""
+    import onnx_ir as ir
     from onnx_ir.traversal import RecursiveGraphIterator
 
-    taken = set(model.graph.initializers)
-    for node in RecursiveGraphIterator(model.graph):
+    main = model.graph
+    first = main.node(0) if main.num_nodes() else None
+    shared: dict[tuple[str, tuple[int, ...]], Any] = {}
+    for node in list(RecursiveGraphIterator(main)):
         if node.op_type != "Transpose" or not node.inputs or node.inputs[0] is None:
             continue
         weight = node.inputs[0]
-        if weight.is_initializer() and f"{weight.name}.T" not in taken:
-            node.outputs[0].name = f"{weight.name}.T"
-            taken.add(node.outputs[0].name)
+        if not weight.is_initializer() or weight.graph is not main:
+            continue
+        perm = tuple(node.attributes.get_ints("perm", ()) or ())
+        key = (weight.name, perm)
+        if key not in shared:
+            hoisted = ir.node("Transpose", [weight], attributes={"perm": list(perm)} if perm else None)
+            main.insert_before(first, hoisted) if first is not None else main.append(hoisted)
+            other_perm = any(name == weight.name for name, _ in shared)  # (never seen: Linear uses one perm)
+            hoisted.outputs[0].name = f"{weight.name}.T" + ("_" + "_".join(map(str, perm)) if other_perm else "")
+            shared[key] = hoisted.outputs[0]
+        node.outputs[0].replace_all_uses_with(shared[key], replace_graph_outputs=True)
+        node.graph.remove(node, safe=True)
 
 
 def check_graph(path: str | Path) -> None:
@@ -222,37 +236,25 @@ def resolve_attention(attention: str, opset: int) -> str:
     return attention
 
 
-def export_onnx(
+def build_graph_module(
     loaded: Any,
-    output_dir: str | Path,
     *,
     mode: str = "static",
     plan: Any = None,
     routed: Any = None,
     dtype: str | torch.dtype = "float32",
     opset: int = DEFAULT_OPSET,
-    save_tokenizer: bool = True,
     attention: str = "auto",
     prefill_select: str | None = None,
-) -> Path:
-    """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
-
-    ``mode="static"``: the frozen ``plan`` (a ``SkipPlan``; ``None`` exports the whole model) decides which
-    sub-blocks exist. ``mode="gated"``: ``routed`` (a ``RoutedModel`` with sequence-level routers on this model)
-    puts each routed sub-block in an ``If``; a ``plan`` may also be given, and its skipped sub-blocks are left out.
-
-    ``attention``: ``"fused"`` exports each layer's attention as one ONNX ``Attention`` node (opset 23 or later;
-    ONNX Runtime's CUDA EP runs it with its flash / memory-efficient / fused-softmax kernels), ``"explicit"`` as
-    MatMul/Softmax/MatMul with the KV heads repeated (any opset), ``"auto"`` fused when ``opset >= 23``.
-    ``prefill_select`` (gated): ``"cond"`` or ``"logical"`` (see ``graph_model.PREFILL_SELECTS``); default: what
-    this torch can export (:func:`prefill_select_for_this_torch`).
-    """
+) -> DecoderGraph:
+    """The ``DecoderGraph`` (the module torch.onnx traces) that :func:`export_onnx` exports for these arguments,
+    after the same checks. Also what a caller needs to re-create an export's weights on another machine."""
     if mode not in MODES:
         raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if int(opset) not in OPSETS:
         raise DataError(f"opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
     attention = resolve_attention(attention, int(opset))
-    dtype_name, torch_dtype = _canonical_dtype(dtype)
+    _, torch_dtype = _canonical_dtype(dtype)
     model = loaded.model
     config = model.config
     if plan is not None:
@@ -293,12 +295,43 @@ def export_onnx(
         routed_target=routed_target,
         threshold=threshold,
     )
-    output_dir = Path(output_dir)
-    started = time.perf_counter()
     with torch.no_grad():
-        prefill_select = prefill_select or prefill_select_for_this_torch()
-        graph = DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention,
-                             prefill_select=prefill_select)
+        return DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention,
+                            prefill_select=prefill_select or prefill_select_for_this_torch())
+
+
+def export_onnx(
+    loaded: Any,
+    output_dir: str | Path,
+    *,
+    mode: str = "static",
+    plan: Any = None,
+    routed: Any = None,
+    dtype: str | torch.dtype = "float32",
+    opset: int = DEFAULT_OPSET,
+    save_tokenizer: bool = True,
+    attention: str = "auto",
+    prefill_select: str | None = None,
+) -> Path:
+    """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
+
+    ``mode="static"``: the frozen ``plan`` (a ``SkipPlan``; ``None`` exports the whole model) decides which
+    sub-blocks exist. ``mode="gated"``: ``routed`` (a ``RoutedModel`` with sequence-level routers on this model)
+    puts each routed sub-block in an ``If``; a ``plan`` may also be given, and its skipped sub-blocks are left out.
+
+    ``attention``: ``"fused"`` exports each layer's attention as one ONNX ``Attention`` node (opset 23 or later;
+    ONNX Runtime's CUDA EP runs it with its flash / memory-efficient / fused-softmax kernels), ``"explicit"`` as
+    MatMul/Softmax/MatMul with the KV heads repeated (any opset), ``"auto"`` fused when ``opset >= 23``.
+    ``prefill_select`` (gated): ``"cond"`` or ``"logical"`` (see ``graph_model.PREFILL_SELECTS``); default: what
+    this torch can export (:func:`prefill_select_for_this_torch`).
+    """
+    started = time.perf_counter()
+    dtype_name, torch_dtype = _canonical_dtype(dtype)
+    graph = build_graph_module(loaded, mode=mode, plan=plan, routed=routed, dtype=dtype, opset=opset,
+                               attention=attention, prefill_select=prefill_select)
+    spec, attention, prefill_select = graph.spec, graph.attention, graph.prefill_select
+    output_dir = Path(output_dir)
+    with torch.no_grad():
         device = next(graph.parameters()).device
         example = _example_inputs(graph, device, torch_dtype)
         with atomic_directory(output_dir) as staging, warnings.catch_warnings(), _quiet_exporter_registry():
@@ -319,7 +352,7 @@ def export_onnx(
                 optimize=False,
                 verbose=False,
             )
-            _name_transposed_weights(program.model)
+            _share_transposed_weights(program.model)
             program.optimize()
             graph_path = staging / GRAPH_NAME
             program.save(str(graph_path), external_data=True)
