@@ -96,6 +96,44 @@ def placement_report(graph_dir: Path, providers: list[str], vocab: int, prompt: 
             "nodes_forced_to_cpu": cpu_nodes, "log": str(log_path)}
 
 
+def profile_decode(graph_dir: Path, providers: list[str], vocab: int, prompt: int, batch: int, steps: int,
+                   prefix: Path) -> dict:
+    """ONNX Runtime's profiler over ``steps`` decode steps after a prompt: per op type, the summed node time (µs per
+    step) and node count per step; ``If`` nodes' time includes their branches. Also the profiler's whole-run time
+    per step, for comparison with the sum of the top-level nodes (the rest is the executor's own work)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from rtexport.onnx.runtime import OrtCausalLM
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(prefix)
+    lm = OrtCausalLM(graph_dir, providers=providers, session_options=so)
+    ids = np.random.default_rng(0).integers(0, vocab, size=(batch, prompt), dtype=np.int64)
+    mask = np.ones_like(ids)
+    step = lm.forward(ids, mask, last_only=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
+        step = lm.forward(step.logits[:, -1].argmax(-1)[:, None].astype(np.int64), mask, cache=step.cache,
+                          last_only=True)
+    wall = (time.perf_counter() - start) / steps
+    events = json.loads(Path(lm.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    by_op: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            by_op.setdefault(e["args"].get("op_name", "?"), []).append(e["dur"])
+    per_step = steps + 1  # the prefill run is in the profile too: its share is small next to its own nodes
+    return {
+        "wall_us_per_step": 1e6 * wall,
+        "model_run_us_median": statistics.median(e["dur"] for e in runs[1:]) if len(runs) > 1 else None,
+        "ops": {k: {"us_per_step": round(sum(v) / per_step, 1), "nodes_per_step": round(len(v) / per_step, 1)}
+                for k, v in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))},
+    }
+
+
 EXTRA_SHAPES = {
     "llama3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -257,6 +295,12 @@ def bench_phase(args) -> None:
             log["placement"][mode] = placement_report(graphs / mode, providers, vocab, args.prompt,
                                                       out / f"ort_verbose_{mode}.log")
             print(mode, json.dumps({k: v for k, v in log["placement"][mode].items() if k != "log"}), flush=True)
+    if args.profile:
+        log["profile"] = {}
+        for mode in ("static", "gated"):
+            log["profile"][mode] = profile_decode(graphs / mode, providers, vocab, args.prompt, args.batch, 16,
+                                                  out / f"ort_profile_{mode}")
+            print(mode, json.dumps(log["profile"][mode])[:1500], flush=True)
     for mode in ("static", "gated"):
         r = res[f"ort_{mode}"]
         r["prefill_ms"] = statistics.median(r["prefill_samples"])
@@ -294,6 +338,8 @@ def main() -> None:
     be.add_argument("--out", default="ort-bench")
     be.add_argument("--placement", action="store_true",
                     help="also report Memcpy nodes and Attention kernel choices from ORT's verbose log")
+    be.add_argument("--profile", action="store_true",
+                    help="also profile 16 decode steps of each graph with ONNX Runtime's profiler (time per op type)")
     args = ap.parse_args()
     export_phase(args) if args.phase == "export" else bench_phase(args)
 

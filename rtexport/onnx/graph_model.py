@@ -8,10 +8,10 @@ attention that builds its additive mask from ``attention_mask`` (left or right p
 Two layouts (``GraphSpec``):
 
 * static: only the sub-blocks a ``SkipPlan`` keeps exist; a layer without attention has no KV input or output.
-* gated: each routed sub-block sits in a ``torch.cond`` (an ONNX ``If``) whose condition is the graph input
-  ``run_layer.{i}``; inside the taken branch the per-sequence decision (computed by the router at prefill, read from
-  ``routing_decisions`` afterwards: a second ``If``, on a prefill flag computed from input shapes) masks the
-  sub-block's output per sequence. See ``README-gated.md``.
+* gated: each routed sub-block sits in a ``torch.cond`` (an ONNX ``If``) on a prefill flag computed from input
+  shapes. Prefill branch: the router decides per sequence and the sub-block's own ``If`` runs it only when some
+  sequence needs it, masking its output per sequence. Decode branch: the held decisions (``routing_decisions``) and
+  the sub-block's ``If`` on the host input ``run_layer.{i}``. See ``README-gated.md``.
 
 Attention (``attention=``): ``"explicit"`` (MatMul/Softmax/MatMul, KV heads repeated) or ``"fused"``
 (``scaled_dot_product_attention`` with grouped KV heads, which torch.onnx at opset 23 turns into one ONNX
