@@ -92,6 +92,13 @@ def test_default_export_has_one_attention_node_per_attention_layer(arch, mode):
     nodes = list(all_nodes(model.graph))
     attention = [n for n in nodes if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     assert not [n for n in nodes if n.op_type == "Softmax"]
+    # the rotary embedding is ONNX's own node (two per attention), and the Attention node takes the past K/V itself:
+    # no reshape, transpose or concat around it
+    assert len([n for n in nodes if n.op_type == "RotaryEmbedding"]) == 2 * len(attention)
+    assert not [n for n in nodes if n.op_type in ("Transpose", "Neg")]
+    if mode == "static":  # (a gated graph's skip branches build placeholder caches from shapes)
+        assert not [n for n in nodes if n.op_type in ("Reshape", "Concat")]
+    assert all(len(n.input) >= 6 and n.input[4].startswith("past_key_values.") for n in attention)
     # grouped-query heads go in as they are (4 query heads on 2 KV heads): no Expand repeats the cache
     producers = {o: n for n in nodes for o in n.output}
 

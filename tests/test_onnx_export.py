@@ -188,6 +188,21 @@ def test_gated_parity_takes_each_branch(arch):
     assert all(taken.values()), f"not every branch was exercised: {taken}"
 
 
+def test_gated_graph_takes_prompts_of_one_to_three_tokens():
+    """torch.export wants a lower bound on the mask length for the gated graph (see export._dynamic_shapes); the
+    graph itself has none."""
+    case = exported("llama", "gated")
+    ort_model = OrtCausalLM(case.onnx_dir)
+    for length in (1, 2, 3):
+        ids = torch.tensor([[5, 7, 9][:length]])
+        mask = torch.ones_like(ids)
+        ref, _ = torch_step(case.model, ids, mask)
+        step = ort_model.forward(ids.numpy(), mask.numpy())
+        assert max_diff_real(step.logits, ref, mask) <= ATOL
+        more = ort_model.forward(np.array([[3]]), np.ones((1, length + 1), dtype=np.int64), cache=step.cache)
+        assert more.logits.shape == (1, 1, ref.shape[-1])
+
+
 def test_gated_prefill_runs_only_the_sub_blocks_some_sequence_needs():
     """At prefill the routers decide inside the graph and a routed attention no sequence of the batch needs is not
     run: its present is the placeholder of zeros (the graph before this ran every routed block at prefill and

@@ -99,6 +99,11 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...]:
 
     batch, seq = Dim("batch_size"), Dim("sequence_length")
     total, past = Dim("total_sequence_length"), Dim("past_sequence_length")
+    if spec.mode == "gated":
+        # a routed layer's keys (its own cache + the new tokens) are the last positions of the mask, so the tracer
+        # derives total >= 2 + 2 from the two dimensions' least traced sizes; the graph itself has no such bound
+        # (a one-token prompt runs), torch.export only wants the range stated
+        total = Dim("total_sequence_length", min=4)
     kv = []
     for i in spec.kv_layers:
         d = Dim(f"past_sequence_length_{i}") if spec.routes_attention(i) else past

@@ -13,9 +13,10 @@ Two layouts (``GraphSpec``):
   sequence needs it, masking its output per sequence. Decode branch: the held decisions (``routing_decisions``) and
   the sub-block's ``If`` on the host input ``run_layer.{i}``. See ``README-gated.md``.
 
-Attention (``attention=``): ``"explicit"`` (MatMul/Softmax/MatMul, KV heads repeated) or ``"fused"``
-(``scaled_dot_product_attention`` with grouped KV heads, which torch.onnx at opset 23 turns into one ONNX
-``Attention`` node).
+Attention (``attention=``): ``"explicit"`` (MatMul/Softmax/MatMul, KV heads repeated) or ``"fused"`` (opset 23:
+ONNX ``RotaryEmbedding`` and ``Attention`` nodes on the (B, T, heads x d) projections, the ``Attention`` taking the
+past K/V and returning the present; models with per-head q/k norms or a partial rotary use
+``scaled_dot_product_attention`` with grouped KV heads, which torch.onnx also turns into one ``Attention`` node).
 
 Host/device rule for ONNX Runtime's CUDA EP: values derived from input shapes live on the host. They may be used as
 shape-like inputs (Range bounds, Slice starts, Reshape shapes) and as ``If`` conditions, never as operands of
@@ -160,6 +161,16 @@ class _Layer(nn.Module):
         self.router: nn.Linear | None = None
 
 
+def _has_onnx_rotary() -> bool:
+    """torch's registered ONNX ``RotaryEmbedding`` op (``torch.onnx.ops``, exported as the opset-23 node)."""
+    try:
+        import torch.onnx.ops  # noqa: F401  (registers torch.ops.onnx.*)
+
+        return hasattr(torch.ops.onnx.RotaryEmbedding, "opset23")
+    except (ImportError, AttributeError):
+        return False
+
+
 def _masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     m = padding_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
@@ -205,6 +216,8 @@ class DecoderGraph(nn.Module):
             )
         self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         inv_freq = rotary.inv_freq.detach().to(torch.float32).clone()
+        # the ONNX RotaryEmbedding node rotates the whole head (a partial rotary keeps the explicit arithmetic)
+        self.fused_rotary = attention == "fused" and 2 * inv_freq.numel() == self.head_dim and _has_onnx_rotary()
 
         decoder = adapter.decoder_layers(model)
         layers = []
@@ -256,11 +269,23 @@ class DecoderGraph(nn.Module):
 
     # ---- pieces ------------------------------------------------------------------------------------------------
     def _rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin per position: (B,1,T,d) for the explicit rotation, or (B,T,d/2), the half the ONNX
+        ``RotaryEmbedding`` node takes, when the attention is fused."""
         freqs = position_ids[..., None].to(torch.float32) * self.inv_freq
+        if self.fused_rotary:
+            return (freqs.cos() * self.attention_scaling).to(dtype), (freqs.sin() * self.attention_scaling).to(dtype)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos[:, None], sin[:, None]  # (B,1,T,d)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary position embedding of ``x`` (B,heads,T,d): one ONNX ``RotaryEmbedding`` node (opset 23) with fused
+        attention, else the rotate-half arithmetic (Slice/Neg/Concat/Mul/Add)."""
+        if self.fused_rotary:
+            # the registered op itself (torch.onnx.ops.rotary_embedding is not traceable inside torch.cond branches)
+            return torch.ops.onnx.RotaryEmbedding.opset23(x, cos, sin)
+        return x * cos + self._rotate_half(x) * sin
 
     @staticmethod
     def _mask_values(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,6 +344,8 @@ class DecoderGraph(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fused_rotary and not hasattr(layer, "q_norm"):
+            return self._onnx_attention(layer, normed, past_k, past_v, cos, sin, mask)
         b, t = normed.shape[0], normed.shape[1]
         d = self.head_dim
         q = layer.q_proj(normed).view(b, t, -1, d)
@@ -328,8 +355,8 @@ class DecoderGraph(nn.Module):
             q = layer.q_norm(q)
             k = layer.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = q * cos + self._rotate_half(q) * sin
-        k = k * cos + self._rotate_half(k) * sin
+        q = self._rotate(q, cos, sin)
+        k = self._rotate(k, cos, sin)
         keys = torch.cat([past_k, k], dim=2)
         values = torch.cat([past_v, v], dim=2)
         scaling = layer.scaling if layer.scaling is not None else d**-0.5
@@ -352,6 +379,25 @@ class DecoderGraph(nn.Module):
         if probs.dtype != q.dtype:
             probs = probs.to(q.dtype)
         out = torch.matmul(probs, vv).transpose(1, 2).reshape(b, t, self.num_heads * d)
+        return layer.o_proj(out), keys, values
+
+    def _onnx_attention(self, layer: _Layer, normed: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused attention as ONNX's own ops on (B, T, heads x d) projections: two ``RotaryEmbedding`` nodes and
+        one ``Attention`` node that takes the past K/V and returns the present (grouped KV heads as they are, the
+        additive mask in the activations' dtype). No reshape, transpose or concat around them, so no shape
+        arithmetic either: the fewest nodes per layer, and none that a routed layer's ``If`` branch must recompute.
+        The registered ops are called directly (``torch.onnx.ops``'s wrappers are not traceable inside
+        ``torch.cond`` branches); in PyTorch they run their reference implementations."""
+        onnx_ops = torch.ops.onnx
+        q = onnx_ops.RotaryEmbedding.opset23(layer.q_proj(normed), cos, sin, num_heads=self.num_heads)
+        k = onnx_ops.RotaryEmbedding.opset23(layer.k_proj(normed), cos, sin, num_heads=self.num_kv_heads)
+        v = layer.v_proj(normed)
+        scaling = layer.scaling if layer.scaling is not None else self.head_dim**-0.5
+        out, keys, values, _ = onnx_ops.Attention.opset23(
+            q, k, v, mask, past_k, past_v, q_num_heads=self.num_heads, kv_num_heads=self.num_kv_heads, scale=scaling
+        )
         return layer.o_proj(out), keys, values
 
     @staticmethod
