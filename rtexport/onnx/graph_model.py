@@ -522,7 +522,8 @@ class DecoderGraph(nn.Module):
         so a prefill runs every routed sub-block that ``run_layer.{i}`` allows.
         """
         spec = self.spec
-        if spec.target == "mlp":
+        mlp = spec.target == "mlp"
+        if mlp:
             if layer.has_attn:
                 out, k, v = self._attention(layer, layer.attn_norm(x), *kv, cos, sin, mask)
                 x = x + out
@@ -534,8 +535,6 @@ class DecoderGraph(nn.Module):
             operands = (x, normed, kv[0], kv[1], cos, sin, mask)
         taken, skipped = self._sub_block(layer)
         threshold = spec.threshold
-
-        mlp = spec.target == "mlp"
 
         def agreed(result, ops, dec):
             # the branches size their outputs from different inputs: tell the tracer what they agree on
@@ -567,7 +566,7 @@ class DecoderGraph(nn.Module):
 
             result = agreed(torch.cond(is_prefill, prefill, decode, (*operands, given, run, attention_mask)),
                             operands, given)
-        if spec.target == "mlp":
+        if mlp:
             x, dec = result
             return x, kv, dec
         x, k, v, dec = result
