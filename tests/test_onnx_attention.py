@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 from conftest import build_model
-from onnx_cases import ROUTED_LAYERS, exported, random_sequences, reference
+from onnx_cases import ROUTED_LAYERS, exported, random_sequences
 
 from rtexport.errors import DataError
 from rtexport.evaluation.parity import left_pad, positions
