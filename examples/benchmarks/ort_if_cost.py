@@ -1,0 +1,96 @@
+"""What one ONNX ``If`` costs ONNX Runtime per run, next to a plain node: the fixed price a gated graph pays per
+routed layer and step.
+
+Three graphs of ``--nodes`` steps on a (1, ``--width``) fp16 tensor: plain ``Neg`` nodes; the same ``Neg`` inside an
+``If`` each (condition a host-side bool input, as ``run_layer.{i}``); and inside two nested ``If``\\ s (as a gated
+graph's decode step: the prefill-flag ``If`` holding the block's ``If``). The input stays on the device (IO
+binding); the median time per run, over ``--runs`` runs after a warm-up, is divided by ``--nodes``.
+
+    PYTHONPATH=/tmp/parts-unpacked python3 examples/benchmarks/ort_if_cost.py --out $OUT/if_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+
+def _branch(name: str, source: str, depth: int) -> onnx.GraphProto:
+    out = f"{name}_y"
+    if depth == 1:
+        node = helper.make_node("Neg", [source], [out])
+    else:
+        node = helper.make_node("If", ["c"], [out], then_branch=_branch(name + "t", source, depth - 1),
+                                else_branch=_branch(name + "e", source, depth - 1))
+    return helper.make_graph([node], name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT16, None)])
+
+
+def build(nodes: int, width: int, depth: int) -> bytes:
+    """``depth`` 0: plain Neg nodes; 1: each in an If; 2: each in two nested Ifs."""
+    graph_nodes, prev = [], "x0"
+    for i in range(nodes):
+        out = f"x{i + 1}"
+        if depth == 0:
+            graph_nodes.append(helper.make_node("Neg", [prev], [out]))
+        else:
+            graph_nodes.append(helper.make_node("If", ["c"], [out], then_branch=_branch(f"t{i}", prev, depth),
+                                                else_branch=_branch(f"e{i}", prev, depth)))
+        prev = out
+    graph = helper.make_graph(graph_nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT16, [1, width]),
+                                                 helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT16, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+def time_graph(model: bytes, width: int, runs: int, provider: str) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model, providers=[provider, "CPUExecutionProvider"])
+    device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    x = ort.OrtValue.ortvalue_from_numpy(np.ones((1, width), dtype=np.float16), device, 0)
+    cond = ort.OrtValue.ortvalue_from_numpy(np.array(True))
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x0", x)
+    binding.bind_ortvalue_input("c", cond)
+    binding.bind_output(session.get_outputs()[0].name, device, 0)
+    for _ in range(20):
+        session.run_with_iobinding(binding)
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run_with_iobinding(binding)
+        samples.append(1e6 * (time.perf_counter() - t))
+    return statistics.median(samples)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nodes", type=int, default=32)
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--provider", default="CUDAExecutionProvider")
+    ap.add_argument("--out", default="if_cost.json")
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    result = {"ort": ort.__version__, "provider": args.provider, "nodes": args.nodes, "width": args.width}
+    for depth, label in ((0, "plain"), (1, "if"), (2, "nested_if")):
+        us = time_graph(build(args.nodes, args.width, depth), args.width, args.runs, args.provider)
+        result[label] = {"us_per_run": round(us, 1), "us_per_step": round(us / args.nodes, 2)}
+    result["if_overhead_us"] = round(result["if"]["us_per_step"] - result["plain"]["us_per_step"], 2)
+    result["nested_if_overhead_us"] = round(result["nested_if"]["us_per_step"] - result["plain"]["us_per_step"], 2)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
