@@ -187,7 +187,7 @@ def export_phase(args) -> None:
         t = time.perf_counter()
         if mode == "gated":
             export_onnx(loaded, work / mode, mode="gated", routed=routed, dtype="float16", opset=opset,
-                        attention=args.attention)
+                        attention=args.attention, prefill_select=args.prefill_select)
             routed.unwrap()
         else:
             export_onnx(loaded, work / mode, mode="static", plan=plan, dtype="float16", opset=opset,
@@ -197,6 +197,7 @@ def export_phase(args) -> None:
         (work / mode / "model.onnx.data").unlink()
         print(mode, "exported in", seconds[mode], "s", flush=True)
     record = {"shape": args.shape, "skip": plan.skip, "candidates": plan.candidates, "attention": args.attention,
+              "prefill_select": args.prefill_select,
               "opset": opset, "torch": torch.__version__, "export_seconds": seconds}
     (out / "bench.json").write_text(json.dumps(record, indent=1))
 
@@ -331,6 +332,8 @@ def main() -> None:
     ex.add_argument("--skip", type=int, default=4)
     ex.add_argument("--attention", choices=("fused", "explicit"), default="fused",
                     help="fused: opset 23, one ONNX Attention node per layer; explicit: opset 18 MatMul/Softmax")
+    ex.add_argument("--prefill-select", choices=("cond", "logical"), default=None,
+                    help="the gated graph's layout (rtexport.onnx.graph_model.PREFILL_SELECTS; default: this torch's)")
     ex.add_argument("--out", required=True)
     be = sub.add_parser("bench", help="write the graphs' weights from a model built here and measure")
     be.add_argument("--graphs", required=True, help="the export phase's --out folder")
