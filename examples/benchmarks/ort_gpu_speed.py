@@ -332,7 +332,7 @@ def main() -> None:
     ex.add_argument("--skip", type=int, default=4)
     ex.add_argument("--attention", choices=("fused", "explicit"), default="fused",
                     help="fused: opset 23, one ONNX Attention node per layer; explicit: opset 18 MatMul/Softmax")
-    ex.add_argument("--prefill-select", choices=("cond", "logical", "split"), default=None,
+    ex.add_argument("--prefill-select", choices=("cond", "logical"), default=None,
                     help="the gated graph's layout (rtexport.onnx.graph_model.PREFILL_SELECTS; default: this torch's)")
     ex.add_argument("--out", required=True)
     be = sub.add_parser("bench", help="write the graphs' weights from a model built here and measure")
