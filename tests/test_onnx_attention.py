@@ -230,12 +230,12 @@ def test_gated_logical_prefill_select_matches_the_cond_graph(tmp_path):
     randomise_routers(routed, seed=3)
     try:
         paths = {sel: export_onnx(loaded, tmp_path / sel, mode="gated", routed=routed, prefill_select=sel)
-                 for sel in ("cond", "logical", "split")}
+                 for sel in ("cond", "logical")}
     finally:
         routed.unwrap()
     assert load_export_info(tmp_path / "logical")["prefill_select"] == "logical"
     count = {sel: sum(n.op_type == "If" for n in all_nodes(load(p).graph)) for sel, p in paths.items()}
-    assert count == {"cond": 6, "logical": 2, "split": 6}
+    assert count == {"cond": 6, "logical": 2}
     batch = left_pad(random_sequences(3, seed=21, lo=3, hi=9))
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     outs = {}
@@ -245,6 +245,5 @@ def test_gated_logical_prefill_select_matches_the_cond_graph(tmp_path):
         token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
         full = np.concatenate([mask, np.ones((3, 1), dtype=mask.dtype)], axis=1)
         outs[sel] = (step.logits, lm.forward(token, full, cache=step.cache).logits)
-    for other in ("logical", "split"):
-        for a, b in zip(outs["cond"], outs[other]):
-            assert np.abs(a - b)[..., :].max() <= 1e-5, other
+    for a, b in zip(outs["cond"], outs["logical"]):
+        assert np.abs(a - b)[..., :].max() <= 1e-5

@@ -374,8 +374,7 @@ def export_onnx(
             check_graph(graph_path)
             # per routed layer one If in the main graph: on the host-side prefill flag (prefill_select "cond"),
             # with the sub-block's If in each branch, or on the run_layer.{i} input ("logical")
-            # ("split": the prefill's If, holding the router's If, beside the decode's If)
-            per_layer = {"cond": (1, 3), "logical": (1, 1), "split": (2, 3)}[prefill_select]
+            per_layer = {"cond": (1, 3), "logical": (1, 1)}[prefill_select]
             if_nodes = (_count_ops(graph_path, "If"), _count_ops(graph_path, "If", subgraphs=True))
             if if_nodes != tuple(k * len(spec.routed_layers) for k in per_layer):
                 raise ArtifactMismatch(
@@ -385,8 +384,7 @@ def export_onnx(
             if attention == "fused":
                 fused = _count_ops(graph_path, "Attention", subgraphs=True)
                 # a routed attention sits in both branches of its prefill If (prefill_select "cond")
-                twice = (len([i for i in spec.routed_layers if spec.routes_attention(i)])
-                         if prefill_select != "logical" else 0)
+                twice = len([i for i in spec.routed_layers if spec.routes_attention(i)]) if prefill_select == "cond" else 0
                 if fused != len(spec.attention_layers) + twice:
                     raise ArtifactMismatch(
                         f"the exported graph holds {fused} ONNX Attention nodes for {len(spec.attention_layers)} "

@@ -44,9 +44,7 @@ ATTENTION_KINDS = ("explicit", "fused")
 # how a gated graph picks the router's decision (prefill) or the held one (decode): "cond", an ONNX If on the
 # host-side prefill flag (no host-to-device copy, routers not run at decode; needs torch >= 2.13's exporter), or
 # "logical", and/or of the flag with both (one small host-to-device copy of the flag per step; any torch)
-# "split" (torch >= 2.13): two Ifs side by side per routed layer, the prefill's (router, then an If on the device-side
-# decision) and the decode's (on run_layer.{i} and not prefill), so a decode step runs each block one If deep
-PREFILL_SELECTS = ("cond", "logical", "split")
+PREFILL_SELECTS = ("cond", "logical")
 
 
 @dataclass(frozen=True)
@@ -402,15 +400,6 @@ class DecoderGraph(nn.Module):
         )
         return layer.o_proj(out), keys, values
 
-    def _passthrough(self, ops: tuple[torch.Tensor, ...], dec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A routed layer's outputs when its block does not run in this ``If``: ``x`` unchanged, placeholder caches
-        (attention), the given decisions."""
-        x = ops[0]
-        if self.spec.target == "mlp":
-            return x.clone(), dec.clone()
-        k, v = self._unused_present(ops[2], ops[3], x.shape[1])
-        return x.clone(), k, v, dec.clone()
-
     @staticmethod
     def _unused_present(pk: torch.Tensor, pv: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What a skipped layer returns as its present: zeros shaped like the taken branch's (past + T).
@@ -575,31 +564,8 @@ class DecoderGraph(nn.Module):
                 ops, given, run = args[:n], args[n], args[n + 1]
                 return agreed(torch.cond(run, taken, skipped, (*ops, given)), ops, given)
 
-            if self.prefill_select == "cond":
-                result = agreed(torch.cond(is_prefill, prefill, decode, (*operands, given, run, attention_mask)),
-                                operands, given)
-            else:  # "split": the prefill's If, then the decode's If beside it (not inside it)
-
-                def not_prefill(*args):
-                    ops, given = args[:n], args[n]
-                    return self._passthrough(ops, given)
-
-                pre = agreed(torch.cond(is_prefill, prefill, not_prefill, (*operands, given, run, attention_mask)),
-                             operands, given)
-                # the decode's operands: the prefill If's outputs stand in for x (and, when no block ran, the
-                # presents); a host-side bool (both inputs are host values, so no copy)
-                later = list(operands)
-                later[0] = pre[0]
-                run_now = run & ~is_prefill
-
-                def decode_block(*args):
-                    ops, given = args[:n], args[n]
-                    return taken(*ops, given)
-
-                def decode_pass(*args):
-                    return tuple(t.clone() for t in args[n + 1:])
-
-                result = agreed(torch.cond(run_now, decode_block, decode_pass, (*later, given, *pre)), operands, given)
+            result = agreed(torch.cond(is_prefill, prefill, decode, (*operands, given, run, attention_mask)),
+                            operands, given)
         if mlp:
             x, dec = result
             return x, kv, dec
