@@ -120,25 +120,23 @@ def profile_decode(graph_dir: Path, providers: list[str], vocab: int, prompt: in
                           last_only=True)
     wall = (time.perf_counter() - start) / steps
     events = json.loads(Path(lm.session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    decode_start = runs[1]["ts"]  # the first run is the prefill: its nodes are left out
     by_op: dict[str, list[float]] = {}
     for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= decode_start:
             by_op.setdefault(e["args"].get("op_name", "?"), []).append(e["dur"])
-    per_step = steps + 1  # the prefill run is in the profile too: its share is small next to its own nodes
     return {
         "wall_us_per_step": 1e6 * wall,
-        "model_run_us_median": statistics.median(e["dur"] for e in runs[1:]) if len(runs) > 1 else None,
-        "ops": {k: {"us_per_step": round(sum(v) / per_step, 1), "nodes_per_step": round(len(v) / per_step, 1)}
+        "model_run_us_median": statistics.median(e["dur"] for e in runs[1:]),
+        "ops": {k: {"us_per_step": round(sum(v) / steps, 1), "nodes_per_step": round(len(v) / steps, 1)}
                 for k, v in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))},
     }
 
 
+# shapes beyond rtexport.models.shapes.SHAPES (which has llama3-8b and llama3.2-1b)
 EXTRA_SHAPES = {
-    "llama3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                        tie_word_embeddings=False, attention_bias=False),
     # a CPU dry run of both phases: vectors over 1 KiB, so every weight is in the weights file (smaller tensors
     # stay inside model.onnx with the exporting machine's values, and fill refuses them)
     "llama-dryrun": dict(model_type="llama", vocab_size=1000, hidden_size=1024, intermediate_size=2048,
@@ -181,20 +179,20 @@ def export_phase(args) -> None:
         for r in routed.routers.values():
             r.proj.weight.copy_(torch.randn(r.proj.weight.shape, generator=g))
     opset = 23 if args.attention == "fused" else 18
-    work = Path(tempfile.mkdtemp(prefix="ortexport-"))
     seconds = {}
     for mode in ("gated", "static"):
         t = time.perf_counter()
-        if mode == "gated":
-            export_onnx(loaded, work / mode, mode="gated", routed=routed, dtype="float16", opset=opset,
-                        attention=args.attention, prefill_select=args.prefill_select)
-            routed.unwrap()
-        else:
-            export_onnx(loaded, work / mode, mode="static", plan=plan, dtype="float16", opset=opset,
-                        attention=args.attention)
-        seconds[mode] = round(time.perf_counter() - t, 1)
-        strip(work / mode, out / mode)
-        (work / mode / "model.onnx.data").unlink()
+        with tempfile.TemporaryDirectory(prefix="ortexport-") as work:  # the weights (GBs) are not kept
+            folder = Path(work) / mode
+            if mode == "gated":
+                export_onnx(loaded, folder, mode="gated", routed=routed, dtype="float16", opset=opset,
+                            attention=args.attention, prefill_select=args.prefill_select)
+                routed.unwrap()
+            else:
+                export_onnx(loaded, folder, mode="static", plan=plan, dtype="float16", opset=opset,
+                            attention=args.attention)
+            seconds[mode] = round(time.perf_counter() - t, 1)
+            strip(folder, out / mode)
         print(mode, "exported in", seconds[mode], "s", flush=True)
     record = {"shape": args.shape, "skip": plan.skip, "candidates": plan.candidates, "attention": args.attention,
               "prefill_select": args.prefill_select,
@@ -259,11 +257,11 @@ def bench_phase(args) -> None:
     print("weights written", log["fill_seconds"], flush=True)
 
     # PyTorch SDPA on rtexport's pruned folder
-    work = Path(tempfile.mkdtemp(prefix="ortbench-"))
-    prune(loaded, plan, work / "pruned")
-    del model, loaded, routed
-    torch.cuda.empty_cache() if args.device == "cuda" else None
-    pruned = load_pruned(work / "pruned", dtype=dtype, device=args.device).model
+    with tempfile.TemporaryDirectory(prefix="ortbench-") as work:  # the pruned folder is a full model's size
+        prune(loaded, plan, Path(work) / "pruned")
+        del model, loaded, routed
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+        pruned = load_pruned(Path(work) / "pruned", dtype=dtype, device=args.device).model
     res = {}
     res["torch_pruned"] = {
         "prefill_ms": time_prefill(pruned, args.batch, args.prompt, reps=args.reps).median_ms,

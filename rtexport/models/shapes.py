@@ -31,6 +31,21 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=False,
         attention_bias=False,
     ),
+    # Llama-3.2-1B's architecture, for GPU measurements where an 8B run does not fit the time
+    "llama3.2-1b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attention_bias=False,
+    ),
     # SmolLM2-135M's architecture (the embedded default's), for GPU runs of the whole job in seconds
     "smollm2-135m": dict(
         model_type="llama",

@@ -188,9 +188,13 @@ def _share_transposed_weights(model: Any) -> None:
         key = (weight.name, perm)
         if key not in shared:
             hoisted = ir.node("Transpose", [weight], attributes={"perm": list(perm)} if perm else None)
-            main.insert_before(first, hoisted) if first is not None else main.append(hoisted)
-            other_perm = any(name == weight.name for name, _ in shared)  # (never seen: Linear uses one perm)
-            hoisted.outputs[0].name = f"{weight.name}.T" + ("_" + "_".join(map(str, perm)) if other_perm else "")
+            if first is None:
+                main.append(hoisted)
+            else:
+                main.insert_before(first, hoisted)
+            # a 2-D weight's transpose is {W}.T; any other permutation names itself
+            plain = perm in ((), (1, 0))
+            hoisted.outputs[0].name = f"{weight.name}.T" + ("" if plain else "_" + "_".join(map(str, perm)))
             shared[key] = hoisted.outputs[0]
         node.outputs[0].replace_all_uses_with(shared[key], replace_graph_outputs=True)
         node.graph.remove(node, safe=True)
