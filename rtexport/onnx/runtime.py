@@ -117,7 +117,6 @@ class OrtCausalLM:
             self.kv_dtype, self.num_kv_heads, self.head_dim = np.float32, 0, 0
         self.mask_dtype = _ORT_TO_NUMPY[inputs["attention_mask"].type]
         self._empties: dict[int, Any] = {}
-        self._flags: dict[tuple[bool, ...], dict[str, Any]] = {}
         self.position_dtype = _ORT_TO_NUMPY[inputs["position_ids"].type] if "position_ids" in inputs else None
 
     # ---- cache -------------------------------------------------------------------------------------------------
@@ -175,14 +174,15 @@ class OrtCausalLM:
             k, v = cache.past[i]
             feeds[f"past_key_values.{i}.key"] = k
             feeds[f"past_key_values.{i}.value"] = v
-        host: dict[str, Any] = {}
+        host: dict[str, np.ndarray] = {}
         flags = self.run_flags(cache)
         if self.gated:
             if cache.decisions_value is None:  # prefill: the graph decides; this input is not read
                 feeds["routing_decisions"] = np.ones((b, len(self.routed_layers)), dtype=np.bool_)
             else:
                 feeds["routing_decisions"] = cache.decisions_value
-            host = self._host_flags(flags)
+            for i in self.routed_layers:
+                host[f"run_layer.{i}"] = np.array(flags[i], dtype=np.bool_)
 
         # a layer that keeps no cache returns a placeholder present: not asked for, so it never reaches Python
         dropped = {f"present.{i}.{kind}" for i in self.gated_kv_layers if cache.active and not cache.active.get(i, True)
@@ -216,28 +216,18 @@ class OrtCausalLM:
                 new.past[i] = (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"])
         return StepOutput(logits=logits, cache=new)
 
-    def _host_flags(self, flags: dict[int, bool]) -> dict[str, Any]:
-        """The ``run_layer.{i}`` inputs in host memory, made once per pattern (the decode steps reuse them)."""
-        key = tuple(flags[i] for i in self.routed_layers)
-        if key not in self._flags:
-            values = {f"run_layer.{i}": np.array(flags[i], dtype=np.bool_) for i in self.routed_layers}
-            if self.io_binding:
-                values = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in values.items()}
-            self._flags[key] = values
-        return self._flags[key]
-
-    def _run_plain(self, feeds: dict[str, Any], host: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
+    def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
         values = self.session.run(wanted, {**feeds, **host})
         return dict(zip(wanted, values))
 
-    def _run_io_binding(self, feeds: dict[str, Any], host: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
+    def _run_io_binding(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
                 value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device_type, 0)
             binding.bind_ortvalue_input(name, value)
-        for name, value in host.items():  # the If conditions: host memory (OrtValues on the CPU), as ORT's If reads them
-            binding.bind_ortvalue_input(name, value)
+        for name, value in host.items():
+            binding.bind_cpu_input(name, value)  # the If conditions: host memory, as ORT's CUDA If reads them
         for name in wanted:  # outputs not bound (the full logits in a generate loop) never leave the device
             binding.bind_output(name, self.device_type, 0)
         self.session.run_with_iobinding(binding)
