@@ -146,6 +146,37 @@ EXTRA_SHAPES = {
 }
 
 
+# ONNX Runtime session settings a bench can compare (--ort-variants); "default" is ORT's own defaults
+SESSION_VARIANTS = {
+    # what rtexport.onnx.runtime.OrtCausalLM uses: ONNX Runtime's defaults
+    "rtexport": None,
+    # both of the two below (session 4's first runs called this "rtexport" while OrtCausalLM used it; it was
+    # dropped again, its effect on the static graph's decode being -10% to +4% between runs)
+    "tuned": {"enable_mem_pattern": False, "intra_op_num_threads": 1,
+              "config": {"session.intra_op.allow_spinning": "0"}},
+    # no memory pattern: ORT otherwise plans (and caches) a memory pattern per set of input shapes, and the KV
+    # cache's length changes at every decode step, in the main graph and in every If branch run
+    "no_mem_pattern": {"enable_mem_pattern": False},
+    # one intra-op thread that does not spin: the CPU-side nodes are shape arithmetic
+    "one_thread": {"intra_op_num_threads": 1, "config": {"session.intra_op.allow_spinning": "0"}},
+}
+
+
+def session_options(variant: str):
+    import onnxruntime as ort
+
+    if SESSION_VARIANTS[variant] is None:
+        return None
+    so = ort.SessionOptions()
+    for key, value in SESSION_VARIANTS[variant].items():
+        if key == "config":
+            for k, v in value.items():
+                so.add_session_config_entry(k, v)
+        else:
+            setattr(so, key, value)
+    return so
+
+
 def _model_and_plan(shape_name: str, skip_n: int, device: str, dtype: torch.dtype):
     shape = EXTRA_SHAPES.get(shape_name) or SHAPES[shape_name]
     model = random_model(shape, device=device, dtype=dtype).eval()
@@ -180,7 +211,7 @@ def export_phase(args) -> None:
             r.proj.weight.copy_(torch.randn(r.proj.weight.shape, generator=g))
     opset = 23 if args.attention == "fused" else 18
     seconds = {}
-    for mode in ("gated", "static"):
+    for mode in args.modes.split(","):
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="ortexport-") as work:  # the weights (GBs) are not kept
             folder = Path(work) / mode
@@ -249,8 +280,13 @@ def bench_phase(args) -> None:
     log["gated_skips_on_prompt"] = chosen
     print("gated routers skip", chosen, "plan", skip, flush=True)
 
+    # "static" and one or more gated graphs ("gated", and e.g. an earlier layout exported from another commit under
+    # another folder name), each measured against "static"
+    gated = sorted(d.name for d in graphs.iterdir() if (d / "export_info.json").is_file() and d.name != "static")
+    modes = ["static", *gated]
     t = time.perf_counter()
-    fill(graphs / "gated", graph_module_from_info(loaded, graphs / "gated", routed=routed))
+    for mode in gated:
+        fill(graphs / mode, graph_module_from_info(loaded, graphs / mode, routed=routed))
     routed.unwrap()
     fill(graphs / "static", graph_module_from_info(loaded, graphs / "static", plan=plan))
     log["fill_seconds"] = time.perf_counter() - t
@@ -276,12 +312,20 @@ def bench_phase(args) -> None:
     # the gated graph's own routers must choose the plan on that prompt too
     # both sessions open at once, measured in interleaved rounds (a step is a few ms of host-side work, so the
     # machine's background noise moves single rounds; the medians are over all rounds)
-    sessions = {mode: OrtCausalLM(graphs / mode, providers=providers) for mode in ("static", "gated")}
-    lm = sessions["gated"]
-    step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)
-    log["ort_gated_skips_on_prompt"] = [i for r, i in enumerate(lm.routed_layers) if not step.cache.decisions[:, r].all()]
-    print("ORT gated graph skips", log["ort_gated_skips_on_prompt"], flush=True)
-    del lm, step
+    # the first variant's sessions are named after their graph alone, the others' get "@variant"
+    variants = list(dict.fromkeys(args.ort_variants.split(",")))
+    sessions = {}
+    for variant in variants:
+        for mode in modes:
+            key = mode if variant == variants[0] else f"{mode}@{variant}"
+            sessions[key] = OrtCausalLM(graphs / mode, providers=providers, session_options=session_options(variant))
+    for mode in gated:
+        lm = sessions[mode]
+        step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)
+        chosen = [i for r, i in enumerate(lm.routed_layers) if not step.cache.decisions[:, r].all()]
+        log["ort_gated_skips_on_prompt" + ("" if mode == "gated" else f"_{mode}")] = chosen
+        print("ORT", mode, "graph skips", chosen, flush=True)
+        del lm, step
     for round_ in range(args.rounds):
         for mode, lm in sessions.items():
             pre = _ort_prefill_ms(lm, cell_p, args.reps, vocab)
@@ -291,31 +335,44 @@ def bench_phase(args) -> None:
             r["prefill_samples"] += pre
             r["decode_samples"] += dec
             print(round_, mode, statistics.median(pre), statistics.median(dec), flush=True)
+    measured = list(sessions)
     del sessions
     if args.placement:
         log["placement"] = {}
-        for mode in ("static", "gated"):
+        for mode in modes:
             log["placement"][mode] = placement_report(graphs / mode, providers, vocab, args.prompt,
                                                       out / f"ort_verbose_{mode}.log")
             print(mode, json.dumps({k: v for k, v in log["placement"][mode].items() if k != "log"}), flush=True)
     if args.profile:
         log["profile"] = {}
-        for mode in ("static", "gated"):
+        for mode in modes:
             log["profile"][mode] = profile_decode(graphs / mode, providers, vocab, args.prompt, args.batch, 16,
                                                   out / f"ort_profile_{mode}")
             print(mode, json.dumps(log["profile"][mode])[:1500], flush=True)
-    for mode in ("static", "gated"):
+    for mode in measured:
         r = res[f"ort_{mode}"]
         r["prefill_ms"] = statistics.median(r["prefill_samples"])
         r["decode_ms"] = statistics.median(r["decode_samples"])
     torch_ = res["torch_pruned"]
-    ratios = {
-        "gated_over_static_prefill": res["ort_gated"]["prefill_ms"] / res["ort_static"]["prefill_ms"],
-        "gated_over_static_decode": res["ort_gated"]["decode_ms"] / res["ort_static"]["decode_ms"],
-        "ort_static_speedup_vs_torch_prefill": torch_["prefill_ms"] / res["ort_static"]["prefill_ms"],
-        "ort_static_speedup_vs_torch_cuda_graph_decode": torch_["decode_ms"] / res["ort_static"]["decode_ms"],
-        "ort_static_speedup_vs_torch_eager_decode": torch_["decode_eager_ms"] / res["ort_static"]["decode_ms"],
-    }
+    ratios = {}
+    for key in measured:
+        mode, _, variant = key.partition("@")
+        static = "static" + (f"@{variant}" if variant else "")
+        for phase in ("prefill", "decode"):
+            if mode != "static":
+                ratios[f"{key}_over_{static}_{phase}"] = (res[f"ort_{key}"][f"{phase}_ms"]
+                                                         / res[f"ort_{static}"][f"{phase}_ms"])
+            elif variant:
+                ratios[f"{key}_over_static_{phase}"] = res[f"ort_{key}"][f"{phase}_ms"] / res["ort_static"][f"{phase}_ms"]
+    for key in measured:
+        if key.partition("@")[0] != "static":
+            continue
+        static = res[f"ort_{key}"]
+        ratios |= {
+            f"ort_{key}_speedup_vs_torch_prefill": torch_["prefill_ms"] / static["prefill_ms"],
+            f"ort_{key}_speedup_vs_torch_cuda_graph_decode": torch_["decode_ms"] / static["decode_ms"],
+            f"ort_{key}_speedup_vs_torch_eager_decode": torch_["decode_eager_ms"] / static["decode_ms"],
+        }
     log.update(results=res, ratios=ratios, seconds=time.perf_counter() - t0)
     (out / "ort_speed.json").write_text(json.dumps(log, indent=1))
     print(json.dumps(ratios, indent=1))
@@ -332,6 +389,7 @@ def main() -> None:
                     help="fused: opset 23, one ONNX Attention node per layer; explicit: opset 18 MatMul/Softmax")
     ex.add_argument("--prefill-select", choices=("cond", "logical"), default=None,
                     help="the gated graph's layout (rtexport.onnx.graph_model.PREFILL_SELECTS; default: this torch's)")
+    ex.add_argument("--modes", default="gated,static", help="which graphs to export (comma-separated)")
     ex.add_argument("--out", required=True)
     be = sub.add_parser("bench", help="write the graphs' weights from a model built here and measure")
     be.add_argument("--graphs", required=True, help="the export phase's --out folder")
@@ -344,6 +402,9 @@ def main() -> None:
     be.add_argument("--out", default="ort-bench")
     be.add_argument("--placement", action="store_true",
                     help="also report Memcpy nodes and Attention kernel choices from ORT's verbose log")
+    be.add_argument("--ort-variants", default="rtexport",
+                    help="ONNX Runtime session settings to measure, comma-separated (the first is the main one): "
+                         + ", ".join(SESSION_VARIANTS))
     be.add_argument("--profile", action="store_true",
                     help="also profile 16 decode steps of each graph with ONNX Runtime's profiler (time per op type)")
     args = ap.parse_args()

@@ -8,10 +8,11 @@ attention that builds its additive mask from ``attention_mask`` (left or right p
 Two layouts (``GraphSpec``):
 
 * static: only the sub-blocks a ``SkipPlan`` keeps exist; a layer without attention has no KV input or output.
-* gated: each routed sub-block sits in a ``torch.cond`` (an ONNX ``If``) on a prefill flag computed from input
-  shapes. Prefill branch: the router decides per sequence and the sub-block's own ``If`` runs it only when some
-  sequence needs it, masking its output per sequence. Decode branch: the held decisions (``routing_decisions``) and
-  the sub-block's ``If`` on the host input ``run_layer.{i}``. See ``README-gated.md``.
+* gated: the decoder sits in a ``torch.cond`` (an ONNX ``If``) on a prefill flag computed from input shapes, and
+  each routed sub-block in its own ``If`` inside either branch. Prefill branch: the router decides per sequence and
+  the sub-block's ``If`` runs it only when some sequence needs it, masking its output per sequence. Decode branch:
+  the sub-block's ``If`` on the host input ``run_layer.{i}`` with the held decisions (``routing_decisions``). See
+  ``README-gated.md``.
 
 Attention (``attention=``): ``"explicit"`` (MatMul/Softmax/MatMul, KV heads repeated) or ``"fused"`` (opset 23:
 ONNX ``RotaryEmbedding`` and ``Attention`` nodes on the (B, T, heads x d) projections, the ``Attention`` taking the
@@ -42,8 +43,8 @@ TARGETS = ("attn", "mlp", "block")
 # ``Attention`` node (grouped-query heads and the additive mask inside the node)
 ATTENTION_KINDS = ("explicit", "fused")
 # how a gated graph picks the router's decision (prefill) or the held one (decode): "cond", an ONNX If on the
-# host-side prefill flag (no host-to-device copy, routers not run at decode; needs torch >= 2.13's exporter), or
-# "logical", and/or of the flag with both (one small host-to-device copy of the flag per step; any torch)
+# host-side prefill flag around the decoder (no host-to-device copy, routers not run at decode; needs torch >= 2.13's
+# exporter), or "logical", and/or of the flag with both (one small host-to-device copy of the flag per step; any torch)
 PREFILL_SELECTS = ("cond", "logical")
 
 
@@ -169,6 +170,27 @@ def _has_onnx_rotary() -> bool:
         return hasattr(torch.ops.onnx.RotaryEmbedding, "opset23")
     except (ImportError, AttributeError):
         return False
+
+
+def _caches_nonempty(outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """A sub-block ``If``'s outputs, with a note for the exporter when it nests that ``If`` in another.
+
+    The branches give the present different lengths (taken: past + new tokens; skipped: the past, often empty), so
+    the tracer gives it a fresh size. Returning it through the outer ``If`` makes the tracer ask whether that size is
+    0 (to merge the two branches' strides), which it cannot decide: state that it is not. Only while exporting, so
+    the check adds nothing to the graph and an eager run with an empty cache is not refused.
+    """
+    if torch.compiler.is_exporting():
+        for cache in outputs[1:]:
+            torch._check(cache.shape[2] >= 1)
+    return outputs
+
+
+def _is_prefill(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """() bool: no cache yet (the mask is as long as the new tokens). Computed from input shapes, so ONNX Runtime
+    holds it on the host, where an ``If`` reads its condition."""
+    past_len = attention_mask.shape[1] - input_ids.shape[1]
+    return (torch.zeros((), dtype=torch.int64, device=input_ids.device) + past_len) == 0
 
 
 def _masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
@@ -314,17 +336,6 @@ class DecoderGraph(nn.Module):
         zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
         return torch.where(allowed, zero, low)
 
-    @staticmethod
-    def _key_slice(mask: torch.Tensor, key_len: int) -> torch.Tensor:
-        """The shared (B,1,T,P+T) mask for a layer whose cache holds only the last ``key_len`` positions.
-
-        A routed layer's cache has its own length (empty while the layer is skipped); slicing the shared mask keeps
-        the exported graph's cache dimension for that layer independent of the mask's (a Slice whose start is a
-        host-side shape value: no host-to-device copy).
-        """
-        torch._check(key_len <= mask.shape[3])
-        return mask.narrow(3, mask.shape[3] - key_len, key_len)
-
     def _mask_dtype(self, activations: torch.dtype) -> torch.dtype:
         """The explicit attention adds the mask to float32 scores; the fused one takes it in the activations' dtype."""
         return activations if self.attention == "fused" else torch.float32
@@ -400,16 +411,6 @@ class DecoderGraph(nn.Module):
         )
         return layer.o_proj(out), keys, values
 
-    @staticmethod
-    def _unused_present(pk: torch.Tensor, pv: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """What a skipped layer returns as its present: zeros shaped like the taken branch's (past + T).
-
-        Both branches of an ``If`` give the same shapes (the exporter needs that); the caller drops these and feeds
-        an empty past to the layer while it stays skipped, so at decode they are a few zeros per step.
-        """
-        b, h, p, d = pk.shape
-        return pk.new_zeros(b, h, p + t, d), pv.new_zeros(b, h, p + t, d)
-
     def _score(self, layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float
                ) -> torch.Tensor:
         """(B,) bool: the router's decision for this step's tokens (masked mean over the real ones, float32)."""
@@ -428,7 +429,34 @@ class DecoderGraph(nn.Module):
         run_layer: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         spec = self.spec
-        gated = spec.mode == "gated"
+        past_key_values = list(past_key_values)
+        if spec.mode != "gated":
+            return self._decoder(input_ids, attention_mask, position_ids, past_key_values, None, None, phase="static")
+        if self.prefill_select == "logical":
+            return self._decoder(input_ids, attention_mask, position_ids, past_key_values, routing_decisions,
+                                 list(run_layer), phase="logical")
+        # one If on the prefill flag (from input shapes: host-side) around the whole decoder. Its prefill branch
+        # runs the routers, its decode branch reads the held decisions: a decode step runs one If per routed layer
+        # (on run_layer.{i}) inside it, and nothing else of the routing
+        n_kv = len(past_key_values)
+        operands = (input_ids, attention_mask, position_ids, *past_key_values, routing_decisions, *run_layer)
+
+        def branch(phase: str):
+            def run(*ops):
+                return self._decoder(ops[0], ops[1], ops[2], list(ops[3:3 + n_kv]), ops[3 + n_kv],
+                                     list(ops[4 + n_kv:]), phase=phase)
+
+            return run
+
+        return tuple(torch.cond(_is_prefill(input_ids, attention_mask), branch("prefill"), branch("decode"),
+                                operands))
+
+    def _decoder(self, input_ids, attention_mask, position_ids, past_key_values, routing_decisions, run_layer,
+                 phase: str) -> tuple[torch.Tensor, ...]:
+        """The decoder for one ``phase``: "static" (no routing), "prefill" / "decode" (the branches of a gated
+        graph's prefill ``If``), or "logical" (a gated graph that selects the router's or the held decisions with
+        logical ops at every step)."""
+        spec = self.spec
         x = self.embed_tokens(input_ids)
         t = input_ids.shape[1]
         cos, sin = self._rotary(position_ids, x.dtype)
@@ -438,18 +466,20 @@ class DecoderGraph(nn.Module):
         past = {i: (past_key_values[2 * j], past_key_values[2 * j + 1]) for j, i in enumerate(spec.kv_layers)}
         presents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         decisions: list[torch.Tensor] = []
-        if gated:
-            past_len = attention_mask.shape[1] - t
-            is_prefill = (torch.zeros((), dtype=torch.int64, device=x.device) + past_len) == 0
+        held: tuple[torch.Tensor, ...] = ()
+        is_prefill = None
+        if phase in ("decode", "logical"):
+            # the held decisions as (B, 1, 1) per routed layer, ready to mask a (B, T, hidden) output: one Split
+            held = torch.split(routing_decisions[:, :, None], 1, dim=1)
+        if phase == "logical":
+            is_prefill = _is_prefill(input_ids, attention_mask)
 
         for i, layer in enumerate(self.layers):
             mask = masks[spec.sliding_windows.get(i)]
-            routed = gated and i in spec.routed_layers
-            if routed:
+            if phase != "static" and i in spec.routed_layers:
                 r = spec.routed_layers.index(i)
-                given = routing_decisions[:, r]
-                x, kv, dec = self._routed_layer(i, layer, x, past.get(i), cos, sin, mask, attention_mask,
-                                                given, is_prefill, run_layer[r])
+                x, kv, dec = self._routed_layer(layer, x, past.get(i), cos, sin, mask, attention_mask,
+                                                held[r] if held else None, run_layer[r], phase, is_prefill)
                 decisions.append(dec)
                 if kv is not None:
                     presents[i] = kv
@@ -465,8 +495,10 @@ class DecoderGraph(nn.Module):
         outputs: list[torch.Tensor] = [logits]
         for i in spec.kv_layers:
             outputs += list(presents[i])
-        if gated:
-            outputs.append(torch.stack(decisions, dim=1))
+        if phase == "decode":
+            outputs.append(routing_decisions.clone())  # the decisions this step used: the held ones
+        elif phase != "static":
+            outputs.append(torch.cat(decisions, dim=1)[:, :, 0])
         # the last position's logits, sliced from ``logits``: a generate loop binds only this output and so never
         # copies the prompt's (B, T, vocab) logits off the device
         outputs.append(logits[:, -1].clone())
@@ -475,51 +507,51 @@ class DecoderGraph(nn.Module):
     def _sub_block(self, layer: _Layer):
         """The routed sub-block as ``(taken, skipped)`` branch functions of ``(*operands, dec)``: for attention or
         whole-block routing the operands are ``(x, normed, past_k, past_v, cos, sin, mask)`` and the branches
-        return ``(x, present_k, present_v, dec)``; for MLP routing they are ``(x, normed)`` and the branches
-        return ``(x, dec)`` (the layer's attention and cache stay outside the ``If``).
+        return ``(x, present_k, present_v)``; for MLP routing they are ``(x, normed)`` and the branches return
+        ``(x,)`` (the layer's attention and cache stay outside the ``If``). ``dec`` is (B, 1, 1) bool.
 
         ``taken`` runs the sub-block for the whole batch and keeps its output only for the sequences whose decision
-        ``dec`` says run (a ``Where``: each sequence gets exactly its own result); ``skipped`` returns ``x``
-        unchanged and, for attention, a placeholder cache (see ``_unused_present``).
+        says run (one ``Where``: each sequence gets exactly its own result). ``skipped`` returns ``x`` and, for
+        attention, the past as the present: a layer that does not run keeps its cache as it was (empty while no
+        sequence runs it). Its outputs are its inputs, so ONNX Runtime runs one ``Identity`` per output and no
+        shape arithmetic. Both branches read the shared causal mask as it is: a layer that runs holds the whole
+        cache (the decisions are fixed at prefill, so a layer runs at every step or at none).
         """
         target = self.spec.target
         if target == "mlp":
 
             def taken_mlp(x, normed, dec):
-                return torch.where(dec[:, None, None], x + layer.mlp(normed), x), dec.clone()
+                return (torch.where(dec, x + layer.mlp(normed), x),)
 
             def skipped_mlp(x, normed, dec):
-                return x.clone(), torch.zeros_like(dec)
+                return (x.clone(),)
 
             return taken_mlp, skipped_mlp
 
         def taken(x, normed, pk, pv, cos, sin, mask, dec):
-            own = self._key_slice(mask, pk.shape[2] + x.shape[1])
-            out, k, v = self._attention(layer, normed, pk, pv, cos, sin, own)
+            out, k, v = self._attention(layer, normed, pk, pv, cos, sin, mask)
             h = x + out
             if target == "block":
                 h = h + layer.mlp(layer.mlp_norm(h))
-            return torch.where(dec[:, None, None], h, x), k, v, dec.clone()
+            return torch.where(dec, h, x), k, v
 
         def skipped(x, normed, pk, pv, cos, sin, mask, dec):
-            k, v = self._unused_present(pk, pv, x.shape[1])
-            return x.clone(), k, v, torch.zeros_like(dec)
+            return x.clone(), pk.clone(), pv.clone()
 
         return taken, skipped
 
-    def _routed_layer(self, i, layer, x, kv, cos, sin, mask, attention_mask, given, is_prefill, run):
-        r"""One routed sub-block; returns ``(x, (present_k, present_v) or None, decision)``.
+    def _routed_layer(self, layer, x, kv, cos, sin, mask, attention_mask, given, run, phase, is_prefill):
+        r"""One routed sub-block; returns ``(x, (present_k, present_v) or None, decision)``, the decision (B, 1, 1)
+        (None at decode, where the held decisions are the output).
 
-        ``prefill_select="cond"`` (torch >= 2.13): an ``If`` on the host-side prefill flag (computed from input
-        shapes) holds two ``If``\ s around the sub-block. Prefill branch: the router scores the sequences and the
-        sub-block's ``If`` runs it only when some sequence of the batch needs it (that condition is computed on the
-        device, so ONNX Runtime copies one bool to the host: once per routed layer, at prefill only). Decode
-        branch: the held decisions (``routing_decisions``) and the sub-block's ``If`` on the host input
-        ``run_layer.{i}``; no router, no host/device copy.
+        ``phase="prefill"``: the router scores the sequences and the sub-block's ``If`` runs it only when some
+        sequence of the batch needs it (a condition computed on the device: ONNX Runtime copies one bool to the
+        host, once per routed layer, at prefill only). ``phase="decode"``: the sub-block's ``If`` on the host input
+        ``run_layer.{i}`` with the held decision ``given`` (B, 1, 1); no router, no host/device copy.
 
-        ``prefill_select="logical"`` (older exporters, which cannot trace that nesting): the router's and the held
-        decisions are selected with logical ops and the sub-block's ``If`` is on ``run_layer.{i}`` at every step,
-        so a prefill runs every routed sub-block that ``run_layer.{i}`` allows.
+        ``phase="logical"`` (older exporters, which cannot trace the prefill ``If`` around ``If``\ s): the
+        router's and the held decisions are selected with logical ops and the sub-block's ``If`` is on
+        ``run_layer.{i}`` at every step, so a prefill runs every routed sub-block that ``run_layer.{i}`` allows.
         """
         spec = self.spec
         mlp = spec.target == "mlp"
@@ -534,42 +566,20 @@ class DecoderGraph(nn.Module):
             normed = layer.attn_norm(x)
             operands = (x, normed, kv[0], kv[1], cos, sin, mask)
         taken, skipped = self._sub_block(layer)
-        threshold = spec.threshold
 
-        def agreed(result, ops, dec):
-            # the branches size their outputs from different inputs: tell the tracer what they agree on
-            x = ops[0]
-            shapes = [x.shape, dec.shape]
-            if not mlp:
-                b, h, p, d = ops[2].shape
-                shapes[1:1] = [(b, h, p + x.shape[1], d)] * 2
-            for value, shape in zip(result, shapes):
-                for have, want in zip(value.shape, shape):
-                    torch._check(have == want)
-            return result
-
-        if self.prefill_select == "logical":
-            # (ONNX Runtime has no bool Where kernel: select with logical ops)
-            dec = (is_prefill & self._score(layer, normed, attention_mask, threshold)) | (~is_prefill & given)
-            result = agreed(torch.cond(run, taken, skipped, (*operands, dec)), operands, given)
+        if phase == "decode":
+            dec, condition = None, run
         else:
-            n = len(operands)
-
-            def prefill(*args):
-                ops, given, run, attention_mask = args[:n], args[n], args[n + 1], args[n + 2]
-                dec = self._score(layer, ops[1], attention_mask, threshold) & run
-                return agreed(torch.cond(dec.any(), taken, skipped, (*ops, dec)), ops, given)
-
-            def decode(*args):
-                ops, given, run = args[:n], args[n], args[n + 1]
-                return agreed(torch.cond(run, taken, skipped, (*ops, given)), ops, given)
-
-            result = agreed(torch.cond(is_prefill, prefill, decode, (*operands, given, run, attention_mask)),
-                            operands, given)
+            scored = (self._score(layer, normed, attention_mask, spec.threshold) & run)[:, None, None]
+            if phase == "logical":
+                # (ONNX Runtime has no bool Where kernel: select with logical ops)
+                dec, condition = (is_prefill & scored) | (~is_prefill & given), run
+            else:
+                dec, condition = scored, scored.any()
+        result = _caches_nonempty(torch.cond(condition, taken, skipped, (*operands, given if dec is None else dec)))
         if mlp:
-            x, dec = result
-            return x, kv, dec
-        x, k, v, dec = result
+            return result[0], kv, dec
+        x, k, v = result
         if spec.target == "attn" and layer.has_mlp:  # the layer's MLP is not routed
             x = x + layer.mlp(layer.mlp_norm(x))
         return x, (k, v), dec

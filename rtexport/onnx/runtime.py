@@ -184,7 +184,7 @@ class OrtCausalLM:
             for i in self.routed_layers:
                 host[f"run_layer.{i}"] = np.array(flags[i], dtype=np.bool_)
 
-        # a layer that keeps no cache returns a placeholder present: not asked for, so it never reaches Python
+        # a layer that keeps no cache returns its (empty) past as its present: not asked for, never fetched
         dropped = {f"present.{i}.{kind}" for i in self.gated_kv_layers if cache.active and not cache.active.get(i, True)
                    for kind in ("key", "value")}
         wanted = [n for n in self.output_names if n not in ("logits", "last_logits") and n not in dropped]
