@@ -38,8 +38,7 @@ from pathlib import Path
 
 import torch
 
-from rtexport.bench import Cell, time_decode, time_prefill
-from rtexport.bench_run import _ort_decode_ms, _ort_prefill_ms
+from rtexport.bench import time_decode, time_prefill
 from rtexport.models.loading import wrap_model
 from rtexport.models.shapes import SHAPES, random_model
 from rtexport.planning import SkipPlan
@@ -177,6 +176,30 @@ def session_options(variant: str):
     return so
 
 
+def _prefill_once(lm, prompt) -> float:
+    """ms for one prefill of ``prompt`` (B, T), last position's logits only."""
+    import numpy as np
+
+    start = time.perf_counter()
+    lm.forward(prompt, np.ones_like(prompt), last_only=True)
+    return 1000 * (time.perf_counter() - start)
+
+
+def _decode_once(lm, prompt, steps: int) -> float:
+    """ms per token over ``steps`` greedy decode steps after an (untimed) prefill of ``prompt``."""
+    import numpy as np
+
+    mask = np.ones_like(prompt)
+    step = lm.forward(prompt, mask, last_only=True)
+    token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = np.concatenate([mask, np.ones((prompt.shape[0], 1), dtype=mask.dtype)], axis=1)
+        step = lm.forward(token, mask, cache=step.cache, last_only=True)
+        token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
 def _model_and_plan(shape_name: str, skip_n: int, device: str, dtype: torch.dtype):
     shape = EXTRA_SHAPES.get(shape_name) or SHAPES[shape_name]
     model = random_model(shape, device=device, dtype=dtype).eval()
@@ -247,8 +270,6 @@ def bench_phase(args) -> None:
     loaded, plan = _model_and_plan(record["shape"], len(record["skip"]), args.device, dtype)
     assert plan.skip == record["skip"] and plan.candidates == record["candidates"], (plan, record)
     model, skip, candidates = loaded.model, plan.skip, plan.candidates
-    cell_p = Cell.prefill(args.batch, args.prompt)
-    cell_d = Cell.decode(args.batch, args.prompt, args.new_tokens)
     vocab = model.config.vocab_size
     # the prompt the ORT timings use (rtexport.bench_run's, seed 0): the routers are set on it
     import numpy as np
@@ -326,15 +347,25 @@ def bench_phase(args) -> None:
         log["ort_gated_skips_on_prompt" + ("" if mode == "gated" else f"_{mode}")] = chosen
         print("ORT", mode, "graph skips", chosen, flush=True)
         del lm, step
+    # warm-up, then rounds that interleave the sessions at the level of single samples (one decode of
+    # --new-tokens steps, --reps prefills), in an order rotated every round: a host-bound step moves with the
+    # machine's background load, which drifts over seconds, so each session must be sampled all along the run
+    prompt = ids.numpy()
+    for lm in sessions.values():
+        _prefill_once(lm, prompt)
+        _decode_once(lm, prompt, args.new_tokens)
+    keys = list(sessions)
     for round_ in range(args.rounds):
-        for mode, lm in sessions.items():
-            pre = _ort_prefill_ms(lm, cell_p, args.reps, vocab)
-            dec = _ort_decode_ms(lm, cell_d, 3, vocab)
-            r = res.setdefault(f"ort_{mode}", {"prefill_samples": [], "decode_samples": [],
-                                               "provider": lm.session.get_providers()[0]})
+        shift = round_ % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            lm = sessions[key]
+            pre = [_prefill_once(lm, prompt) for _ in range(args.reps)]
+            dec = _decode_once(lm, prompt, args.new_tokens)
+            r = res.setdefault(f"ort_{key}", {"prefill_samples": [], "decode_samples": [],
+                                              "provider": lm.session.get_providers()[0]})
             r["prefill_samples"] += pre
-            r["decode_samples"] += dec
-            print(round_, mode, statistics.median(pre), statistics.median(dec), flush=True)
+            r["decode_samples"].append(dec)
+        print(round_, {k: round(res[f"ort_{k}"]["decode_samples"][-1], 3) for k in keys}, flush=True)
     measured = list(sessions)
     del sessions
     if args.placement:
@@ -397,7 +428,8 @@ def main() -> None:
     be.add_argument("--batch", type=int, default=1)
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--reps", type=int, default=5)
-    be.add_argument("--rounds", type=int, default=4, help="interleaved static/gated measurement rounds")
+    be.add_argument("--rounds", type=int, default=16,
+                    help="measurement rounds; each takes one decode sample and --reps prefill samples per session")
     be.add_argument("--device", default="cuda")
     be.add_argument("--out", default="ort-bench")
     be.add_argument("--placement", action="store_true",
