@@ -118,31 +118,48 @@ def profile_decode(graph_dir: Path, providers: list[str], vocab: int, prompt: in
         step = lm.forward(step.logits[:, -1].argmax(-1)[:, None].astype(np.int64), mask, cache=step.cache,
                           last_only=True)
     wall = (time.perf_counter() - start) / steps
-    events = json.loads(Path(lm.session.end_profiling()).read_text())
+    return summarize_profile(json.loads(Path(lm.session.end_profiling()).read_text()), steps) | {
+        "wall_us_per_step": 1e6 * wall}
+
+
+def summarize_profile(events: list[dict], steps: int) -> dict:
+    """Decode steps of an ONNX Runtime profile whose first ``model_run`` is the prefill: the run time per step, per op
+    type the summed node time (µs per step) and node count per step (an ``If``'s time includes its branches), and per
+    kind of executed ``If`` (by its number of direct child nodes) the ``If``'s own time: its duration minus its
+    direct children's, i.e. what ONNX Runtime spends running a branch beyond the branch's kernels."""
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
     decode_start = runs[1]["ts"]  # the first run is the prefill: its nodes are left out
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+             and e["ts"] >= decode_start]
     by_op: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= decode_start:
-            by_op.setdefault(e["args"].get("op_name", "?"), []).append(e["dur"])
+    for e in nodes:
+        by_op.setdefault(e["args"].get("op_name", "?"), []).append(e["dur"])
+
+    def within(inner: dict, outer: dict) -> bool:
+        return inner is not outer and outer["ts"] <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"]
+
+    ifs = [e for e in nodes if e["args"].get("op_name") == "If"]
+    own: dict[int, list[float]] = {}
+    for e in ifs:
+        inside = [x for x in nodes if within(x, e)]
+        nested = [x for x in inside if x["args"].get("op_name") == "If"]
+        direct = [x for x in inside if not any(within(x, n) for n in nested)]
+        own.setdefault(len(direct), []).append(e["dur"] - sum(x["dur"] for x in direct))
     return {
-        "wall_us_per_step": 1e6 * wall,
         "model_run_us_median": statistics.median(e["dur"] for e in runs[1:]),
         "ops": {k: {"us_per_step": round(sum(v) / steps, 1), "nodes_per_step": round(len(v) / steps, 1)}
                 for k, v in sorted(by_op.items(), key=lambda kv: -sum(kv[1]))},
+        "if_own_us": {f"{n} direct nodes": {"per_step": round(len(v) / steps, 2),
+                                            "median_us": statistics.median(v)} for n, v in sorted(own.items())},
     }
 
 
-# shapes beyond rtexport.models.shapes.SHAPES (which has llama3-8b and llama3.2-1b)
-EXTRA_SHAPES = {
-    # a CPU dry run of both phases: vectors over 1 KiB, so every weight is in the weights file (smaller tensors
-    # stay inside model.onnx with the exporting machine's values, and fill refuses them)
-    "llama-dryrun": dict(model_type="llama", vocab_size=1000, hidden_size=1024, intermediate_size=2048,
-                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, attention_bias=False),
-}
+def profile_summary_phase(args) -> None:
+    """Summaries of saved ONNX Runtime profiles (``bench --profile`` writes them), as JSON."""
+    out = {Path(p).name: summarize_profile(json.loads(Path(p).read_text()), args.steps) for p in args.profiles}
+    text = json.dumps(out, indent=1)
+    Path(args.out).write_text(text) if args.out else print(text)
 
 
 # ONNX Runtime session settings a bench can compare (--ort-variants); "default" is ORT's own defaults
@@ -439,8 +456,12 @@ def main() -> None:
                          + ", ".join(SESSION_VARIANTS))
     be.add_argument("--profile", action="store_true",
                     help="also profile 16 decode steps of each graph with ONNX Runtime's profiler (time per op type)")
+    ps = sub.add_parser("profile-summary", help="summarise saved ORT profiles of bench --profile")
+    ps.add_argument("profiles", nargs="+")
+    ps.add_argument("--steps", type=int, default=16, help="decode steps the profile holds (bench --profile: 16)")
+    ps.add_argument("--out", default=None)
     args = ap.parse_args()
-    export_phase(args) if args.phase == "export" else bench_phase(args)
+    {"export": export_phase, "bench": bench_phase, "profile-summary": profile_summary_phase}[args.phase](args)
 
 
 if __name__ == "__main__":
