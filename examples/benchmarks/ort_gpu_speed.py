@@ -162,6 +162,17 @@ def profile_summary_phase(args) -> None:
     Path(args.out).write_text(text) if args.out else print(text)
 
 
+# shapes beyond rtexport.models.shapes.SHAPES (which has llama3-8b and llama3.2-1b)
+EXTRA_SHAPES = {
+    # a CPU dry run of both phases: vectors over 1 KiB, so every weight is in the weights file (smaller tensors
+    # stay inside model.onnx with the exporting machine's values, and fill refuses them)
+    "llama-dryrun": dict(model_type="llama", vocab_size=1000, hidden_size=1024, intermediate_size=2048,
+                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                         max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, attention_bias=False),
+}
+
+
 # ONNX Runtime session settings a bench can compare (--ort-variants); "default" is ORT's own defaults
 SESSION_VARIANTS = {
     # what rtexport.onnx.runtime.OrtCausalLM uses: ONNX Runtime's defaults
