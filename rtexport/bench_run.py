@@ -26,35 +26,41 @@ def default_cells(device: torch.device) -> list[Cell]:
     return [Cell.prefill(1, 128), Cell.decode(1, 64, 16)]
 
 
-def _ort_prefill_ms(lm: Any, cell: Cell, reps: int, vocab: int, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(cell.batch, cell.prompt_len), dtype=np.int64)
+def ort_prefill_once(lm: Any, ids: np.ndarray) -> float:
+    """ms for one prefill of ``ids`` (B, T) through an ``OrtCausalLM``, last position's logits only."""
+    start = time.perf_counter()
+    lm.forward(ids, np.ones_like(ids), last_only=True)
+    return 1000 * (time.perf_counter() - start)
+
+
+def ort_decode_once(lm: Any, ids: np.ndarray, steps: int) -> float:
+    """ms per token over ``steps`` greedy decode steps through an ``OrtCausalLM``, after an untimed prefill of
+    ``ids`` (B, T)."""
     mask = np.ones_like(ids)
-    lm.forward(ids, mask, last_only=True)  # warm-up
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        lm.forward(ids, mask, last_only=True)
-        out.append(1000 * (time.perf_counter() - t))
-    return out
+    step = lm.forward(ids, mask, last_only=True)
+    token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=mask.dtype)], axis=1)
+        step = lm.forward(token, mask, cache=step.cache, last_only=True)
+        token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def _prompt(cell: Cell, vocab: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(cell.batch, cell.prompt_len), dtype=np.int64)
+
+
+def _ort_prefill_ms(lm: Any, cell: Cell, reps: int, vocab: int, seed: int = 0) -> list[float]:
+    ids = _prompt(cell, vocab, seed)
+    ort_prefill_once(lm, ids)  # warm-up
+    return [ort_prefill_once(lm, ids) for _ in range(reps)]
 
 
 def _ort_decode_ms(lm: Any, cell: Cell, reps: int, vocab: int, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(cell.batch, cell.prompt_len), dtype=np.int64)
-    out = []
-    for r in range(reps + 1):
-        mask = np.ones_like(ids)
-        step = lm.forward(ids, mask, last_only=True)
-        token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        t = time.perf_counter()
-        for _ in range(cell.new_tokens):
-            mask = np.concatenate([mask, np.ones((cell.batch, 1), dtype=mask.dtype)], axis=1)
-            step = lm.forward(token, mask, cache=step.cache, last_only=True)
-            token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-        if r > 0:  # the first round is the warm-up
-            out.append(1000 * (time.perf_counter() - t) / cell.new_tokens)
-    return out
+    ids = _prompt(cell, vocab, seed)
+    ort_decode_once(lm, ids, cell.new_tokens)  # warm-up
+    return [ort_decode_once(lm, ids, cell.new_tokens) for _ in range(reps)]
 
 
 def bench_run_folder(

@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 from rtexport.bench import time_decode, time_prefill
+from rtexport.bench_run import ort_decode_once, ort_prefill_once
 from rtexport.models.loading import wrap_model
-from rtexport.models.shapes import SHAPES, random_model
+from rtexport.models.shapes import random_model
 from rtexport.planning import SkipPlan
 from rtexport.routing import RoutedModel
 
@@ -97,9 +98,8 @@ def placement_report(graph_dir: Path, providers: list[str], vocab: int, prompt: 
 
 def profile_decode(graph_dir: Path, providers: list[str], vocab: int, prompt: int, batch: int, steps: int,
                    prefix: Path) -> dict:
-    """ONNX Runtime's profiler over ``steps`` decode steps after a prompt: per op type, the summed node time (µs per
-    step) and node count per step; ``If`` nodes' time includes their branches. Also the profiler's whole-run time
-    per step, for comparison with the sum of the top-level nodes (the rest is the executor's own work)."""
+    """ONNX Runtime's profiler over ``steps`` decode steps after a prompt (:func:`summarize_profile`), and the
+    steps' wall time per step measured around them (with the profiler's own overhead)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -110,16 +110,9 @@ def profile_decode(graph_dir: Path, providers: list[str], vocab: int, prompt: in
     so.profile_file_prefix = str(prefix)
     lm = OrtCausalLM(graph_dir, providers=providers, session_options=so)
     ids = np.random.default_rng(0).integers(0, vocab, size=(batch, prompt), dtype=np.int64)
-    mask = np.ones_like(ids)
-    step = lm.forward(ids, mask, last_only=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        mask = np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
-        step = lm.forward(step.logits[:, -1].argmax(-1)[:, None].astype(np.int64), mask, cache=step.cache,
-                          last_only=True)
-    wall = (time.perf_counter() - start) / steps
+    ms_per_step = ort_decode_once(lm, ids, steps)
     return summarize_profile(json.loads(Path(lm.session.end_profiling()).read_text()), steps) | {
-        "wall_us_per_step": 1e6 * wall}
+        "wall_us_per_step": 1000 * ms_per_step}
 
 
 def summarize_profile(events: list[dict], steps: int) -> dict:
@@ -162,17 +155,6 @@ def profile_summary_phase(args) -> None:
     Path(args.out).write_text(text) if args.out else print(text)
 
 
-# shapes beyond rtexport.models.shapes.SHAPES (which has llama3-8b and llama3.2-1b)
-EXTRA_SHAPES = {
-    # a CPU dry run of both phases: vectors over 1 KiB, so every weight is in the weights file (smaller tensors
-    # stay inside model.onnx with the exporting machine's values, and fill refuses them)
-    "llama-dryrun": dict(model_type="llama", vocab_size=1000, hidden_size=1024, intermediate_size=2048,
-                         num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                         max_position_embeddings=2048, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, attention_bias=False),
-}
-
-
 # ONNX Runtime session settings a bench can compare (--ort-variants); "default" is ORT's own defaults
 SESSION_VARIANTS = {
     # what rtexport.onnx.runtime.OrtCausalLM uses: ONNX Runtime's defaults
@@ -204,33 +186,8 @@ def session_options(variant: str):
     return so
 
 
-def _prefill_once(lm, prompt) -> float:
-    """ms for one prefill of ``prompt`` (B, T), last position's logits only."""
-    import numpy as np
-
-    start = time.perf_counter()
-    lm.forward(prompt, np.ones_like(prompt), last_only=True)
-    return 1000 * (time.perf_counter() - start)
-
-
-def _decode_once(lm, prompt, steps: int) -> float:
-    """ms per token over ``steps`` greedy decode steps after an (untimed) prefill of ``prompt``."""
-    import numpy as np
-
-    mask = np.ones_like(prompt)
-    step = lm.forward(prompt, mask, last_only=True)
-    token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-    start = time.perf_counter()
-    for _ in range(steps):
-        mask = np.concatenate([mask, np.ones((prompt.shape[0], 1), dtype=mask.dtype)], axis=1)
-        step = lm.forward(token, mask, cache=step.cache, last_only=True)
-        token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-    return 1000 * (time.perf_counter() - start) / steps
-
-
 def _model_and_plan(shape_name: str, skip_n: int, device: str, dtype: torch.dtype):
-    shape = EXTRA_SHAPES.get(shape_name) or SHAPES[shape_name]
-    model = random_model(shape, device=device, dtype=dtype).eval()
+    model = random_model(shape_name, device=device, dtype=dtype).eval()
     loaded = wrap_model(model, None, model_id=f"random-{shape_name}")
     n = model.config.num_hidden_layers
     candidates = list(range(n // 2, n - 1))
@@ -358,17 +315,15 @@ def bench_phase(args) -> None:
     del pruned
     torch.cuda.empty_cache() if args.device == "cuda" else None
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
-    # the gated graph's own routers must choose the plan on that prompt too
-    # both sessions open at once, measured in interleaved rounds (a step is a few ms of host-side work, so the
-    # machine's background noise moves single rounds; the medians are over all rounds)
-    # the first variant's sessions are named after their graph alone, the others' get "@variant"
+    # every session open at once; the first variant's sessions are named after their graph alone, the others' get
+    # "@variant"
     variants = list(dict.fromkeys(args.ort_variants.split(",")))
     sessions = {}
     for variant in variants:
         for mode in modes:
             key = mode if variant == variants[0] else f"{mode}@{variant}"
             sessions[key] = OrtCausalLM(graphs / mode, providers=providers, session_options=session_options(variant))
-    for mode in gated:
+    for mode in gated:  # the gated graph's own routers must choose the plan on that prompt too
         lm = sessions[mode]
         step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)
         chosen = [i for r, i in enumerate(lm.routed_layers) if not step.cache.decisions[:, r].all()]
@@ -380,15 +335,15 @@ def bench_phase(args) -> None:
     # machine's background load, which drifts over seconds, so each session must be sampled all along the run
     prompt = ids.numpy()
     for lm in sessions.values():
-        _prefill_once(lm, prompt)
-        _decode_once(lm, prompt, args.new_tokens)
+        ort_prefill_once(lm, prompt)
+        ort_decode_once(lm, prompt, args.new_tokens)
     keys = list(sessions)
     for round_ in range(args.rounds):
         shift = round_ % len(keys)
         for key in keys[shift:] + keys[:shift]:
             lm = sessions[key]
-            pre = [_prefill_once(lm, prompt) for _ in range(args.reps)]
-            dec = _decode_once(lm, prompt, args.new_tokens)
+            pre = [ort_prefill_once(lm, prompt) for _ in range(args.reps)]
+            dec = ort_decode_once(lm, prompt, args.new_tokens)
             r = res.setdefault(f"ort_{key}", {"prefill_samples": [], "decode_samples": [],
                                               "provider": lm.session.get_providers()[0]})
             r["prefill_samples"] += pre

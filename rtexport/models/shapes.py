@@ -15,37 +15,27 @@ class UnknownShape(RtexportError):
     """A shape name that is not in SHAPES."""
 
 
+# Meta-Llama-3-8B's config.json (architecture fields only)
+_LLAMA3_8B: dict[str, Any] = dict(
+    model_type="llama",
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    attention_bias=False,
+)
+
 SHAPES: dict[str, dict[str, Any]] = {
-    # Meta-Llama-3-8B's config.json (architecture fields only)
-    "llama3-8b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attention_bias=False,
-    ),
-    # Llama-3.2-1B's architecture, for GPU measurements where an 8B run does not fit the time
-    "llama3.2-1b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attention_bias=False,
-    ),
+    "llama3-8b": _LLAMA3_8B,
+    # Llama-3.2-1B's architecture where it differs from the 8B's (its embeddings stay untied here), for GPU
+    # measurements where an 8B run does not fit the time
+    "llama3.2-1b": {**_LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16},
     # SmolLM2-135M's architecture (the embedded default's), for GPU runs of the whole job in seconds
     "smollm2-135m": dict(
         model_type="llama",
@@ -59,6 +49,23 @@ SHAPES: dict[str, dict[str, Any]] = {
         rope_theta=100000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
+        attention_bias=False,
+    ),
+    # CPU dry runs of the ONNX GPU benchmark's two phases (examples/benchmarks/ort_gpu_speed.py): every vector over
+    # 1 KiB, so every weight goes to the weights file (smaller tensors stay inside model.onnx with the exporting
+    # machine's values, and graph_weights.fill refuses them)
+    "llama-dryrun": dict(
+        model_type="llama",
+        vocab_size=1000,
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
         attention_bias=False,
     ),
     # a few-kB model of the same family, for tests and smoke runs of the measurement scripts

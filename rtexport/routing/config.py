@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactMismatch
+from ..fsutil import read_artifact
 
 CONFIG_NAME = "router_config.json"
 WEIGHTS_NAME = "routers.safetensors"
@@ -85,8 +86,6 @@ class RouterConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise ArtifactMismatch(f"{directory} holds no {CONFIG_NAME}: not a router folder")
-        from ..fsutil import read_artifact
-
         return cls.from_dict(read_artifact(path, what="router config"))
 
     def check_model(self, fingerprint: str) -> None:
