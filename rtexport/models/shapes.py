@@ -54,20 +54,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     # CPU dry runs of the ONNX GPU benchmark's two phases (examples/benchmarks/ort_gpu_speed.py): every vector over
     # 1 KiB, so every weight goes to the weights file (smaller tensors stay inside model.onnx with the exporting
     # machine's values, and graph_weights.fill refuses them)
-    "llama-dryrun": dict(
-        model_type="llama",
-        vocab_size=1000,
-        hidden_size=1024,
-        intermediate_size=2048,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attention_bias=False,
-    ),
+    "llama-dryrun": {**_LLAMA3_8B, "vocab_size": 1000, "hidden_size": 1024, "intermediate_size": 2048,
+                     "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+                     "max_position_embeddings": 2048},
     # a few-kB model of the same family, for tests and smoke runs of the measurement scripts
     "llama-tiny": dict(
         model_type="llama",
