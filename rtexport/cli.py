@@ -164,6 +164,7 @@ def export_onnx(
     onnx_dtype: str = typer.Option("float32", "--dtype", help="float32 or float16."),
     opset: int = typer.Option(23, help="ONNX opset (23+ gives one fused Attention node per layer)."),
     attention: str = typer.Option("auto", help="auto (fused at opset >= 23), fused (ONNX Attention) or explicit (MatMul/Softmax)."),
+    kv_cache: str = typer.Option("growing", help="growing (past + new K/V out) or preallocated (static mode: one buffer per K/V written in place; ONNX Runtime can replay its decode step as a CUDA graph)."),
     fmt: str = typer.Option("graph", "--format", help="graph (model.onnx + data) or ort-gpu (a validated runnable package)."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance for --format ort-gpu (default per dtype)."),
     revision: Optional[str] = typer.Option(None),
@@ -188,7 +189,7 @@ def export_onnx(
         routed = load_tuned(loaded, routers)
     graph_dir = output if fmt == "graph" else Path(tempfile.mkdtemp(prefix=".rtexport-onnx-", dir=output.parent if output.parent.exists() else None))
     path = run_export(loaded, graph_dir, mode=mode, plan=plan, routed=routed, dtype=onnx_dtype, opset=opset,
-                      attention=attention)
+                      attention=attention, kv_cache=kv_cache)
     Console().print(f"{mode} graph -> {path}")
     if fmt == "ort-gpu":
         import shutil

@@ -58,10 +58,11 @@ def exported(arch: str, mode: str) -> Case:
     model = build_model(arch, num_hidden_layers=NUM_LAYERS)
     loaded = wrap_model(model, tokenizer=build_tokenizer(), model_id=f"tiny-{arch}")
     out = _root() / f"{arch}-{mode}"
-    if mode == "static":
+    if mode in ("static", "preallocated"):  # "preallocated": the static graph with a preallocated KV cache
         plan = SkipPlan(base_model=f"tiny-{arch}", fingerprint=loaded.fingerprint, num_layers=NUM_LAYERS,
                         target="attn", method="manual", skip=STATIC_SKIP, candidates=STATIC_SKIP)
-        export_onnx(loaded, out, mode="static", plan=plan)
+        export_onnx(loaded, out, mode="static", plan=plan,
+                    kv_cache="preallocated" if mode == "preallocated" else "growing")
         return Case(arch, mode, model, loaded, out, plan=plan)
     routed = RoutedModel.from_model(model, layers=ROUTED_LAYERS)
     randomise_routers(routed)

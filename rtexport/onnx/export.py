@@ -19,14 +19,15 @@ import torch
 
 from ..errors import ArtifactMismatch, DataError
 from ..fsutil import atomic_directory, file_sha256, read_artifact, write_json_atomic
-from .graph_model import ATTENTION_KINDS, MODES, DecoderGraph, GraphSpec, build_spec
+from .graph_model import (ATTENTION_KINDS, EXPORT_DOMAIN, KV_CACHES, MODES, PREALLOCATED_OPSET, DecoderGraph,
+                          GraphSpec, build_spec)
 
 GRAPH_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
 INFO_NAME = "export_info.json"
 INFO_FORMAT = "rtexport.onnx_export/1"
 ONNX_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-OPSETS = range(17, 24)
+OPSETS = range(17, 25)
 DEFAULT_OPSET = 23
 FUSED_ATTENTION_OPSET = 23  # ONNX Attention (with grouped-query heads, past/present) is opset 23
 
@@ -56,14 +57,18 @@ def _example_inputs(graph: DecoderGraph, device: torch.device, dtype: torch.dtyp
     """Tracing inputs: sizes that no two dimensions share (and none is 0 or 1), so nothing gets specialised."""
     spec = graph.spec
     b, t, p = 2, 3, 5
+    # a preallocated cache: a buffer of 11 slots, this step writing slots 5-7
+    cache_len = 11 if graph.kv_cache == "preallocated" else p
     vocab = int(graph.embed_tokens.weight.shape[0])
     ids = torch.randint(0, vocab, (b, t), device=device)
-    mask = torch.ones(b, p + t, dtype=torch.int64, device=device)
+    mask = torch.ones(b, (p + t) if graph.kv_cache == "growing" else cache_len, dtype=torch.int64, device=device)
     pos = torch.arange(p, p + t, device=device)[None].expand(b, t).contiguous()
     past = []
     for i in spec.kv_layers:
-        shape = (b, graph.num_kv_heads, p, graph.head_dim)
+        shape = (b, graph.num_kv_heads, cache_len, graph.head_dim)
         past += [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
+    if graph.kv_cache == "preallocated":
+        return (ids, mask, pos, past, None, None, torch.arange(p, p + t, device=device))
     if spec.mode == "static":
         return (ids, mask, pos, past)
     decisions = torch.ones(b, len(spec.routed_layers), dtype=torch.bool, device=device)
@@ -91,10 +96,15 @@ def prefill_select_for_this_torch() -> str:
     return "cond" if (major, minor) >= (2, 13) else "logical"
 
 
-def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...]:
+def _dynamic_shapes(spec: GraphSpec, kv_cache: str = "growing") -> tuple[Any, ...]:
     from torch.export import Dim
 
     batch, seq = Dim("batch_size"), Dim("sequence_length")
+    if kv_cache == "preallocated":
+        # the mask and every buffer share the cache's length; cache_position is as long as the new tokens
+        cache = Dim("cache_length")
+        kv = [{0: batch, 2: cache} for _ in range(2 * len(spec.kv_layers))]
+        return ({0: batch, 1: seq}, {0: batch, 1: cache}, {0: batch, 1: seq}, kv, None, None, {0: seq})
     total, past = Dim("total_sequence_length"), Dim("past_sequence_length")
     # one past length for every layer, routed or not: a routed layer's sub-block runs only with the whole cache (the
     # decisions are fixed at prefill). A layer no sequence runs is fed an empty cache, which only its skip branch
@@ -107,8 +117,17 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple[Any, ...]:
     return shapes
 
 
-def _dim_names(spec: GraphSpec) -> dict[str, list[str | None]]:
+def _dim_names(spec: GraphSpec, kv_cache: str = "growing") -> dict[str, list[str | None]]:
     """Readable names for the symbolic dimensions of every graph input and output (None: a fixed size)."""
+    if kv_cache == "preallocated":
+        names = {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "cache_length"],
+                 "position_ids": ["batch_size", "sequence_length"], "cache_position": ["sequence_length"],
+                 "logits": ["batch_size", "sequence_length", None], "last_logits": ["batch_size", None]}
+        for i in spec.kv_layers:
+            for kind in ("key", "value"):
+                names[f"past_key_values.{i}.{kind}"] = ["batch_size", None, "cache_length", None]
+                names[f"present.{i}.{kind}"] = ["batch_size", None, "cache_length", None]
+        return names
     names: dict[str, list[str | None]] = {
         "input_ids": ["batch_size", "sequence_length"],
         "attention_mask": ["batch_size", "total_sequence_length"],
@@ -128,12 +147,15 @@ def _dim_names(spec: GraphSpec) -> dict[str, list[str | None]]:
     return names
 
 
-def _finish_graph(path: Path, spec: GraphSpec, metadata: dict[str, str]) -> None:
-    """Name the symbolic dimensions of inputs and outputs and add metadata; the weights file is not touched."""
+def _finish_graph(path: Path, spec: GraphSpec, metadata: dict[str, str], kv_cache: str = "growing") -> None:
+    """Name the symbolic dimensions of inputs and outputs and add metadata; the weights file is not touched.
+    A preallocated cache's graph gets its ``TensorScatter`` nodes in the ONNX domain, at opset 24."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    names = _dim_names(spec)
+    if kv_cache == "preallocated":
+        _declare_tensor_scatter(model)
+    names = _dim_names(spec, kv_cache)
     for value in list(model.graph.input) + list(model.graph.output):
         wanted = names.get(value.name)
         if wanted is None:
@@ -147,6 +169,25 @@ def _finish_graph(path: Path, spec: GraphSpec, metadata: dict[str, str]) -> None
         model.metadata_props.add(key=k, value=v)
     _drop_stack_traces(model.graph)
     onnx.save(model, str(path))
+
+
+def _declare_tensor_scatter(model: Any) -> None:
+    """Move the traced ``rtexport::TensorScatter`` nodes to the ONNX domain and declare opset 24 (from 23: the ops
+    of these graphs mean the same at 24, where ``Attention`` only gains an optional input)."""
+    for node in model.graph.node:
+        if node.domain == EXPORT_DOMAIN:
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain != EXPORT_DOMAIN]
+    for o in kept:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, PREALLOCATED_OPSET)
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    # the exporter's onnxscript functions, if any, carry their own opset imports; none is needed by these graphs
+    for f in model.functions:
+        for o in f.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, PREALLOCATED_OPSET)
 
 
 def _drop_stack_traces(graph: Any) -> None:
@@ -279,6 +320,7 @@ def build_graph_module(
     opset: int = DEFAULT_OPSET,
     attention: str = "auto",
     prefill_select: str | None = None,
+    kv_cache: str = "growing",
 ) -> DecoderGraph:
     """The ``DecoderGraph`` (the module torch.onnx traces) that :func:`export_onnx` exports for these arguments,
     after the same checks. Also what a caller needs to re-create an export's weights on another machine."""
@@ -286,6 +328,15 @@ def build_graph_module(
         raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if int(opset) not in OPSETS:
         raise DataError(f"opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
+    if kv_cache not in KV_CACHES:
+        raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    if kv_cache == "preallocated":
+        if mode != "static":
+            raise DataError("--kv-cache preallocated is for static graphs (a gated graph drops the cache of layers "
+                            "no sequence runs)")
+        if int(opset) < PREALLOCATED_OPSET - 1:
+            raise DataError(f"--kv-cache preallocated makes an opset-{PREALLOCATED_OPSET} graph (ONNX TensorScatter); "
+                            f"give --opset {PREALLOCATED_OPSET - 1} or {PREALLOCATED_OPSET}, not {opset}")
     attention = resolve_attention(attention, int(opset))
     _, torch_dtype = _canonical_dtype(dtype)
     model = loaded.model
@@ -330,7 +381,7 @@ def build_graph_module(
     )
     with torch.no_grad():
         return DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention,
-                            prefill_select=prefill_select or prefill_select_for_this_torch())
+                            prefill_select=prefill_select or prefill_select_for_this_torch(), kv_cache=kv_cache)
 
 
 def export_onnx(
@@ -341,10 +392,11 @@ def export_onnx(
     plan: Any = None,
     routed: Any = None,
     dtype: str | torch.dtype = "float32",
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     save_tokenizer: bool = True,
     attention: str = "auto",
     prefill_select: str | None = None,
+    kv_cache: str = "growing",
 ) -> Path:
     """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
 
@@ -357,11 +409,17 @@ def export_onnx(
     MatMul/Softmax/MatMul with the KV heads repeated (any opset), ``"auto"`` fused when ``opset >= 23``.
     ``prefill_select`` (gated): ``"cond"`` or ``"logical"`` (see ``graph_model.PREFILL_SELECTS``); default: what
     this torch can export (:func:`prefill_select_for_this_torch`).
+    ``kv_cache`` (static): ``"growing"`` (past in, past + new out) or ``"preallocated"`` (opset 24: one buffer per
+    K and V written in place, fixed shapes at every decode step, so ONNX Runtime can replay it as a CUDA graph).
+    ``opset``: default 23. A preallocated cache's graph is traced at opset 23 and declares 24 (its ``TensorScatter``
+    nodes; nothing else in it differs between the two).
     """
     started = time.perf_counter()
+    if opset is None:
+        opset = DEFAULT_OPSET
     dtype_name, torch_dtype = _canonical_dtype(dtype)
     graph = build_graph_module(loaded, mode=mode, plan=plan, routed=routed, dtype=dtype, opset=opset,
-                               attention=attention, prefill_select=prefill_select)
+                               attention=attention, prefill_select=prefill_select, kv_cache=kv_cache)
     spec, attention, prefill_select = graph.spec, graph.attention, graph.prefill_select
     output_dir = Path(output_dir)
     with torch.no_grad():
@@ -374,13 +432,14 @@ def export_onnx(
             # torch.export first: handing the ExportedProgram to torch.onnx keeps it from renaming dynamic axes
             # itself (it pairs them with inputs by position, which breaks on the scalar run_layer inputs); the
             # axes get their names in _finish_graph
-            exported = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec), strict=False)
+            exported = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec, kv_cache),
+                                          strict=False)
             program = torch.onnx.export(
                 exported,
                 dynamo=True,
                 input_names=graph.input_names(),
                 output_names=graph.output_names(),
-                opset_version=int(opset),
+                opset_version=min(int(opset), PREALLOCATED_OPSET - 1) if kv_cache == "preallocated" else int(opset),
                 external_data=True,
                 optimize=False,
                 verbose=False,
@@ -398,7 +457,8 @@ def export_onnx(
                                              "rtexport.attention": attention,
                                              # layers whose attention sits in an If: their cache is dropped
                                              # while no sequence runs them (read by runtime.OrtCausalLM)
-                                             "rtexport.gated_kv_layers": ",".join(map(str, gated_kv))})
+                                             "rtexport.gated_kv_layers": ",".join(map(str, gated_kv)),
+                                             "rtexport.kv_cache": kv_cache}, kv_cache)
             check_graph(graph_path)
             if mode == "gated":
                 _check_gated_layout(graph_path, spec, prefill_select)
@@ -412,10 +472,17 @@ def export_onnx(
                         f"attention layers (torch {torch.__version__} did not translate scaled_dot_product_attention); "
                         "export with attention='explicit'"
                     )
+            if kv_cache == "preallocated":
+                writes = _count_ops(graph_path, "TensorScatter")
+                if writes != 2 * len(spec.kv_layers):
+                    raise ArtifactMismatch(f"the exported graph writes its KV buffers with {writes} TensorScatter "
+                                           f"nodes, not 2 per attention layer ({len(spec.kv_layers)} layers)")
             if save_tokenizer and loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(str(staging))
-            info = export_info(loaded, spec, graph, dtype_name, int(opset), plan, routed, staging)
+            final_opset = PREALLOCATED_OPSET if kv_cache == "preallocated" else int(opset)
+            info = export_info(loaded, spec, graph, dtype_name, final_opset, plan, routed, staging)
             info["attention"] = attention
+            info["kv_cache"] = kv_cache
             info["export_seconds"] = round(time.perf_counter() - started, 1)
             write_json_atomic(staging / INFO_NAME, info)
             make_readable(staging)

@@ -27,6 +27,9 @@ def genai_config(info: dict[str, Any], *, provider: str = "cuda", max_length: in
         raise ArtifactMismatch(
             "ONNX Runtime GenAI cannot feed a gated graph's routing inputs; write a GenAI config for static graphs only"
         )
+    if info.get("kv_cache", "growing") != "growing":
+        raise ArtifactMismatch("ONNX Runtime GenAI does not feed a preallocated cache's cache_position input; "
+                               "write a GenAI config for graphs with a growing cache only")
     if provider not in PROVIDER_NAMES:
         raise ArtifactMismatch(f"provider must be one of {', '.join(PROVIDER_NAMES)}, got {provider!r}")
     m = info["model"]

@@ -19,6 +19,12 @@ ONNX ``RotaryEmbedding`` and ``Attention`` nodes on the (B, T, heads x d) projec
 past K/V and returning the present; models with per-head q/k norms or a partial rotary use
 ``scaled_dot_product_attention`` with grouped KV heads, which torch.onnx also turns into one ``Attention`` node).
 
+KV cache (``kv_cache=``, static graphs): ``"growing"`` (the present is the past with this step's K/V appended, as ORT
+GenAI and optimum name them) or ``"preallocated"`` (opset 24: each past is a buffer of the whole generation's length,
+written in place by one ONNX ``TensorScatter`` per K and V at ``cache_position``; the attention reads the buffer
+under a mask built from ``attention_mask`` over the buffer and ``cache_position``). A preallocated graph's decode step
+has the same shapes at every step, so ONNX Runtime can capture it once as a CUDA graph and replay it.
+
 Host/device rule for ONNX Runtime's CUDA EP: values derived from input shapes live on the host. They may be used as
 shape-like inputs (Range bounds, Slice starts, Reshape shapes) and as ``If`` conditions, never as operands of
 element-wise arithmetic on device tensors (each such use is a host-to-device Memcpy at every step).
@@ -37,6 +43,9 @@ from ..errors import ArtifactMismatch, UnsupportedArchitecture
 from ..models.adapters import ArchitectureAdapter
 
 MODES = ("static", "gated")
+KV_CACHES = ("growing", "preallocated")
+PREALLOCATED_OPSET = 24  # ONNX TensorScatter (the in-place KV write) is opset 24
+EXPORT_DOMAIN = "rtexport"  # ops traced under this domain get their ONNX domain back after export
 TARGETS = ("attn", "mlp", "block")
 # "explicit": MatMul/Softmax/MatMul with the KV heads repeated (any opset); "fused": one
 # ``torch.nn.functional.scaled_dot_product_attention`` per layer, which torch.onnx (opset >= 23) exports as one ONNX
@@ -193,6 +202,23 @@ def _is_prefill(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.
     return (torch.zeros((), dtype=torch.int64, device=input_ids.device) + past_len) == 0
 
 
+def _write_cache(buffer: torch.Tensor, update: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """``buffer`` (B, kv, L, d) with ``update`` (B, kv, T, d) written at slots ``cache_position`` (T,) (consecutive,
+    the same for every sequence). Exported as one ONNX ``TensorScatter`` (opset 24) at the first slot, which ONNX
+    Runtime runs in place when the caller binds the present to the past's buffer.
+
+    The exporter writes it as ``rtexport::TensorScatter`` and ``export.py`` moves it to the ONNX domain while it
+    declares opset 24: exporting at opset 24 directly would lose the opset-23 ``RMSNormalization`` nodes (torch's
+    exporter decomposes ``rms_norm`` there), and opset 23 has no ``TensorScatter``."""
+    if torch.compiler.is_exporting():
+        from torch.onnx import ops as onnx_ops  # exporting only: symbolic() emits a node as it is given
+
+        start = cache_position[:1].expand(buffer.shape[0])
+        return onnx_ops.symbolic(f"{EXPORT_DOMAIN}::TensorScatter", [buffer, update, start], attrs={"axis": 2},
+                                 dtype=buffer.dtype, shape=buffer.shape, version=1)
+    return buffer.index_copy(2, cache_position, update)
+
+
 def _masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     m = padding_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
@@ -203,9 +229,14 @@ class DecoderGraph(nn.Module):
 
     ``input_ids`` (B,T) int64, ``attention_mask`` (B,P+T) int64, ``position_ids`` (B,T) int64,
     ``past_key_values.{i}.key|value`` (B,kv,P_i,d) for each layer ``i`` with attention,
-    gated only: ``routing_decisions`` (B,R) bool and ``run_layer.{i}`` () bool for each routed layer ``i``
+    gated only: ``routing_decisions`` (B,R) bool and ``run_layer.{i}`` () bool for each routed layer ``i``,
+    preallocated cache only: ``cache_position`` (T,) int64, the buffer slots this step writes
     → ``logits`` (B,T,V), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, and ``last_logits``
     (B,V), the last position's logits.
+
+    With ``kv_cache="preallocated"`` every past is a (B,kv,L,d) buffer of the generation's whole length ``L``, the
+    present is that buffer after this step's write, and ``attention_mask`` is (B,L): 1 for the slots that hold a
+    real token (this step's included), 0 for padding and for slots not written yet.
     """
 
     def __init__(
@@ -217,8 +248,15 @@ class DecoderGraph(nn.Module):
         dtype: torch.dtype | None = None,
         attention: str = "explicit",
         prefill_select: str = "cond",
+        kv_cache: str = "growing",
     ):
         super().__init__()
+        if kv_cache not in KV_CACHES:
+            raise ArtifactMismatch(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+        if kv_cache == "preallocated" and spec.mode != "static":
+            raise ArtifactMismatch("a preallocated KV cache is for static graphs (a gated graph keeps no cache for "
+                                   "the layers no sequence runs)")
+        self.kv_cache = kv_cache
         if prefill_select not in PREFILL_SELECTS:
             raise ArtifactMismatch(f"prefill_select must be one of {', '.join(PREFILL_SELECTS)}, got {prefill_select!r}")
         self.prefill_select = prefill_select
@@ -278,6 +316,8 @@ class DecoderGraph(nn.Module):
         if self.spec.mode == "gated":
             names.append("routing_decisions")
             names += [f"run_layer.{i}" for i in self.spec.routed_layers]
+        if self.kv_cache == "preallocated":
+            names.append("cache_position")
         return names
 
     def output_names(self) -> list[str]:
@@ -336,6 +376,23 @@ class DecoderGraph(nn.Module):
         zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
         return torch.where(allowed, zero, low)
 
+    @staticmethod
+    def _buffer_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor, window: int | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """(B,1,T,L) ``dtype`` for a preallocated cache: query t (at slot ``cache_position[t]``) may attend slot s
+        when s <= that slot and ``attention_mask`` marks s as a real token. The slot numbers come from a cumulative
+        sum on the device (not a Range over the buffer's length, which ONNX Runtime would compute on the host and
+        copy up at every step)."""
+        slots = torch.cumsum(torch.ones_like(attention_mask), dim=1) - 1
+        k_slot = slots[:, None, None, :]
+        q_slot = cache_position[None, None, :, None]
+        allowed = k_slot <= q_slot
+        if window is not None:
+            allowed = allowed & (k_slot > q_slot - window)
+        allowed = allowed & (attention_mask[:, None, None, :] > 0)
+        zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
+        return torch.where(allowed, zero, low)
+
     def _mask_dtype(self, activations: torch.dtype) -> torch.dtype:
         """The explicit attention adds the mask to float32 scores; the fused one takes it in the activations' dtype."""
         return activations if self.attention == "fused" else torch.float32
@@ -354,9 +411,11 @@ class DecoderGraph(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(output, present_k, present_v)``; ``cache_position`` (preallocated cache): the slots to write."""
         if self.fused_rotary and not hasattr(layer, "q_norm"):
-            return self._onnx_attention(layer, normed, past_k, past_v, cos, sin, mask)
+            return self._onnx_attention(layer, normed, past_k, past_v, cos, sin, mask, cache_position)
         b, t = normed.shape[0], normed.shape[1]
         d = self.head_dim
         q = layer.q_proj(normed).view(b, t, -1, d)
@@ -368,8 +427,11 @@ class DecoderGraph(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = self._rotate(q, cos, sin)
         k = self._rotate(k, cos, sin)
-        keys = torch.cat([past_k, k], dim=2)
-        values = torch.cat([past_v, v], dim=2)
+        if cache_position is not None:
+            keys, values = _write_cache(past_k, k, cache_position), _write_cache(past_v, v, cache_position)
+        else:
+            keys = torch.cat([past_k, k], dim=2)
+            values = torch.cat([past_v, v], dim=2)
         scaling = layer.scaling if layer.scaling is not None else d**-0.5
         if self.attention == "fused":
             # one ONNX Attention node: the grouped KV heads are read in place (no repeat), the mask is additive in
@@ -393,7 +455,8 @@ class DecoderGraph(nn.Module):
         return layer.o_proj(out), keys, values
 
     def _onnx_attention(self, layer: _Layer, normed: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                        cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor
+                        cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                        cache_position: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused attention as ONNX's own ops on (B, T, heads x d) projections: two ``RotaryEmbedding`` nodes and
         one ``Attention`` node that takes the past K/V and returns the present (grouped KV heads as they are, the
@@ -406,6 +469,15 @@ class DecoderGraph(nn.Module):
         k = onnx_ops.RotaryEmbedding.opset23(layer.k_proj(normed), cos, sin, num_heads=self.num_kv_heads)
         v = layer.v_proj(normed)
         scaling = layer.scaling if layer.scaling is not None else self.head_dim**-0.5
+        if cache_position is not None:
+            # preallocated cache: (B, heads, T, d) views, written into the buffers, attention over the buffers
+            b, t, d = normed.shape[0], normed.shape[1], self.head_dim
+            q, k, v = (x.view(b, t, -1, d).transpose(1, 2) for x in (q, k, v))
+            keys, values = _write_cache(past_k, k, cache_position), _write_cache(past_v, v, cache_position)
+            out, _, _, _ = onnx_ops.Attention.opset23(
+                q, keys, values, mask, q_num_heads=self.num_heads, kv_num_heads=self.num_kv_heads, scale=scaling
+            )
+            return layer.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * d)), keys, values
         out, keys, values, _ = onnx_ops.Attention.opset23(
             q, k, v, mask, past_k, past_v, q_num_heads=self.num_heads, kv_num_heads=self.num_kv_heads, scale=scaling
         )
@@ -427,11 +499,16 @@ class DecoderGraph(nn.Module):
         past_key_values: list[torch.Tensor],
         routing_decisions: torch.Tensor | None = None,
         run_layer: list[torch.Tensor] | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         spec = self.spec
         past_key_values = list(past_key_values)
+        if (cache_position is None) != (self.kv_cache == "growing"):
+            raise ArtifactMismatch(f"a {self.kv_cache} KV cache graph takes cache_position "
+                                   f"{'never' if self.kv_cache == 'growing' else 'at every step'}")
         if spec.mode != "gated":
-            return self._decoder(input_ids, attention_mask, position_ids, past_key_values, None, None, phase="static")
+            return self._decoder(input_ids, attention_mask, position_ids, past_key_values, None, None, phase="static",
+                                 cache_position=cache_position)
         if self.prefill_select == "logical":
             return self._decoder(input_ids, attention_mask, position_ids, past_key_values, routing_decisions,
                                  list(run_layer), phase="logical")
@@ -452,7 +529,7 @@ class DecoderGraph(nn.Module):
                                 operands))
 
     def _decoder(self, input_ids, attention_mask, position_ids, past_key_values, routing_decisions, run_layer,
-                 phase: str) -> tuple[torch.Tensor, ...]:
+                 phase: str, cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The decoder for one ``phase``: "static" (no routing), "prefill" / "decode" (the branches of a gated
         graph's prefill ``If``), or "logical" (a gated graph that selects the router's or the held decisions with
         logical ops at every step)."""
@@ -461,8 +538,12 @@ class DecoderGraph(nn.Module):
         t = input_ids.shape[1]
         cos, sin = self._rotary(position_ids, x.dtype)
         mask_dtype = self._mask_dtype(x.dtype)
-        masks = {w: self._additive_mask(attention_mask, t, w, mask_dtype)
-                 for w in {None, *spec.sliding_windows.values()}}
+        if cache_position is not None:
+            masks = {w: self._buffer_mask(attention_mask, cache_position, w, mask_dtype)
+                     for w in {None, *spec.sliding_windows.values()}}
+        else:
+            masks = {w: self._additive_mask(attention_mask, t, w, mask_dtype)
+                     for w in {None, *spec.sliding_windows.values()}}
         past = {i: (past_key_values[2 * j], past_key_values[2 * j + 1]) for j, i in enumerate(spec.kv_layers)}
         presents: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         decisions: list[torch.Tensor] = []
@@ -485,7 +566,7 @@ class DecoderGraph(nn.Module):
                     presents[i] = kv
                 continue
             if layer.has_attn:
-                out, k, v = self._attention(layer, layer.attn_norm(x), *past[i], cos, sin, mask)
+                out, k, v = self._attention(layer, layer.attn_norm(x), *past[i], cos, sin, mask, cache_position)
                 presents[i] = (k, v)
                 x = x + out
             if layer.has_mlp:

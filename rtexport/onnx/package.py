@@ -118,6 +118,17 @@ while not generator.is_done():
     generator.generate_next_token()
 print(tokenizer.decode(generator.get_sequence(0)))
 ```
+{% elif kv_cache == "preallocated" %}
+### Driving the preallocated-cache graph yourself
+
+Every `past_key_values.{i}.key|value` is a buffer (batch, {{ kv_heads }}, capacity, {{ head_dim }}) as long as the
+whole generation; bind each `present.{i}.key|value` to the same buffer, and the graph writes the step's K/V into it
+in place (ONNX `TensorScatter`, opset 24). Per step: `attention_mask` is (batch, capacity), 1 for the slots that hold
+a real token (this step's included), 0 for padding and for slots not yet written; `cache_position` (T,) int64 lists
+the slots this step writes (prefill: 0…T-1, then one slot per step). A decode step has the same shapes and buffers
+at every step, so `run_ort.py` (class `OrtCausalLM`, `cuda_graph=True`) has ONNX Runtime capture it once as a CUDA
+graph and replay it (provider option `enable_cuda_graph`, run option `gpu_graph_id`, prefill with `-1`). ONNX
+Runtime GenAI feeds no `cache_position`, so this package has no `genai_config.json`.
 {% else %}
 ### Driving the gated graph yourself
 
@@ -155,8 +166,14 @@ Perplexity on those sequences: PyTorch {{ "%.4f"|format(report.details.perplexit
   {{ ranges(kv_layers) }}{% if mode == "gated" %}, `routing_decisions`, `run_layer.{i}` for layers {{ ranges(routed) }}{% endif %}
 - outputs: `logits`, `present.{i}.key|value` for the same layers{% if mode == "gated" %}, `decisions`{% endif %},
   `last_logits` (the last position's logits, all a generate loop needs to copy off the device)
+{% if kv_cache == "preallocated" -%}
+- also `cache_position` (the slots this step writes)
+- KV cache: preallocated buffers (batch, {{ kv_heads }} kv heads, capacity, {{ head_dim }}), {{ dtype }}, written in
+  place; batch, sequence and capacity are dynamic.
+{%- else -%}
 - KV cache: (batch, {{ kv_heads }} kv heads, sequence, {{ head_dim }}), {{ dtype }}; batch, sequence and past
   lengths are dynamic.
+{%- endif %}
 """
 
 
@@ -201,6 +218,7 @@ def render_readme(info: dict[str, Any], report: dict[str, Any], genai: bool) -> 
         target=spec["target"],
         data_mb=round(info["files"][DATA_NAME]["bytes"] / 1e6, 1),
         genai=genai,
+        kv_cache=info.get("kv_cache", "growing"),
         report=report,
         inputs=info["inputs"],
         outputs=info["outputs"],
@@ -226,7 +244,7 @@ def package_ort_gpu(onnx_dir: str | Path, output_dir: str | Path, report: Any, *
         failed = [c["name"] for c in report_dict["checks"] if not c["passed"]]
         raise ArtifactMismatch(f"the export failed validation ({', '.join(failed)}); not packaging it")
     output_dir = Path(output_dir)
-    genai = info["mode"] == "static"
+    genai = info["mode"] == "static" and info.get("kv_cache", "growing") == "growing"
     with atomic_directory(output_dir) as staging:
         for item in sorted(onnx_dir.iterdir()):
             if item.is_file() and not item.name.startswith("."):

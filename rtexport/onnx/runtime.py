@@ -12,6 +12,12 @@ and output names:
   layer ``i`` (a host-side bool: ORT's ``If`` reads its condition on the host, so no device-to-host copy is needed).
   A layer that no sequence runs gets an empty past and its present is dropped.
 
+* ``cache_position``: a static graph with a preallocated KV cache. Each past is a buffer as long as the whole
+  generation (``capacity``), bound as its own present, so the graph writes this step's K/V into it in place (ONNX
+  ``TensorScatter``); the mask is fed over the whole buffer. Every decode step then has the same shapes and the same
+  buffers, so with ``cuda_graph=True`` ONNX Runtime captures the decode step once as a CUDA graph and replays it
+  (prefill runs outside the graph). A cache outgrows its buffers by being copied into larger ones.
+
 On CUDAExecutionProvider the loop uses IO binding: the cache and the decisions stay on the device between steps;
 only the next tokens go up and the last position's logits come down.
 """
@@ -49,10 +55,15 @@ def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarr
 
 @dataclass
 class Cache:
-    """What a later step needs: the KV per layer (numpy arrays or OrtValues) and, for gated graphs, the decisions."""
+    """What a later step needs: the KV per layer (numpy arrays or OrtValues) and, for gated graphs, the decisions.
+
+    A preallocated cache's buffers hold ``capacity`` slots, the first ``length`` of them written. Later steps write
+    only slots at or after their cache's ``length``, so an earlier ``Cache`` of the same generation stays valid for
+    what it holds; two continuations of one cache write the same slots and cannot both be kept."""
 
     past: dict[int, tuple[Any, Any]]
     length: int
+    capacity: int = 0
     decisions: np.ndarray | None = None  # (B, R) bool on the host, fixed at prefill
     decisions_value: Any = None  # the same decisions as the graph returned them (an OrtValue when IO-binding)
     active: dict[int, bool] = field(default_factory=dict)  # routed layer -> any sequence runs it
@@ -73,7 +84,12 @@ class OrtCausalLM:
         providers: list[Any] | None = None,
         io_binding: bool | None = None,
         session_options: Any = None,
+        cuda_graph: bool = False,
+        reserve: int = 256,
     ):
+        """``cuda_graph``: replay decode steps as a CUDA graph (a preallocated-cache graph on
+        CUDAExecutionProvider; ignored on the CPU). ``reserve``: slots a preallocated cache holds beyond the prompt
+        when the caller gives no ``capacity`` at prefill."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -83,11 +99,14 @@ class OrtCausalLM:
             raise FileNotFoundError(f"ONNX graph not found: {path}")
         self.path = path
         self.providers = providers or default_providers()
+        if cuda_graph:
+            self.providers = [_with_cuda_graph(p) for p in self.providers]
         self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
         active = self.session.get_providers()
         self.device_type = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
         self._ort = ort
+        self.reserve = int(reserve)
 
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.input_names = list(inputs)
@@ -118,6 +137,16 @@ class OrtCausalLM:
         self.mask_dtype = _ORT_TO_NUMPY[inputs["attention_mask"].type]
         self._empties: dict[int, Any] = {}
         self.position_dtype = _ORT_TO_NUMPY[inputs["position_ids"].type] if "position_ids" in inputs else None
+        self.preallocated = "cache_position" in inputs
+        if cuda_graph and not self.preallocated:
+            raise ValueError(f"{path}: CUDA graphs need a graph exported with a preallocated KV cache "
+                             "(export with kv_cache='preallocated')")
+        if self.preallocated:
+            self.io_binding = True  # the presents are bound to the pasts' buffers: the write happens in place
+        self.cuda_graph = bool(cuda_graph) and self.device_type == "cuda"
+        # CUDA graph replays read fixed addresses: one set of buffers and one captured graph per (batch, capacity)
+        self._pools: dict[tuple[int, int], dict[int, tuple[Any, Any]]] = {}
+        self._graphs: dict[tuple[int, int], _GraphStep] = {}
 
     # ---- cache -------------------------------------------------------------------------------------------------
     def _empty(self, batch: int) -> Any:
@@ -132,9 +161,46 @@ class OrtCausalLM:
             return arr
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), self.device_type, 0)
 
-    def empty_cache(self, batch: int) -> Cache:
-        empty = self._empty(batch)
-        return Cache(past={i: (empty, empty) for i in self.kv_layers}, length=0)
+    def empty_cache(self, batch: int, capacity: int | None = None) -> Cache:
+        """A cache with nothing in it. Preallocated graphs: buffers of ``capacity`` slots (zeros; with CUDA graphs,
+        the (batch, capacity) pool's buffers, whose stale slots the mask hides)."""
+        if not self.preallocated:
+            empty = self._empty(batch)
+            return Cache(past={i: (empty, empty) for i in self.kv_layers}, length=0)
+        if capacity is None or capacity < 1:
+            raise ValueError("a preallocated cache needs a capacity of at least one slot")
+        if self.cuda_graph:
+            key = (batch, capacity)
+            if key not in self._pools:
+                self._pools[key] = self._buffers(batch, capacity)
+            return Cache(past=dict(self._pools[key]), length=0, capacity=capacity)
+        return Cache(past=self._buffers(batch, capacity), length=0, capacity=capacity)
+
+    def _buffers(self, batch: int, capacity: int, content: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+                 ) -> dict[int, tuple[Any, Any]]:
+        shape = (batch, self.num_kv_heads, capacity, self.head_dim)
+        out = {}
+        for i in self.kv_layers:
+            pair = []
+            for j in range(2):
+                arr = np.zeros(shape, dtype=self.kv_dtype)
+                if content is not None:
+                    old = content[i][j]
+                    arr[:, :, : old.shape[2]] = old
+                # its own OrtValue per buffer (on the CPU it wraps this array, which the graph then writes)
+                pair.append(self._ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, 0))
+            out[i] = (pair[0], pair[1])
+        return out
+
+    def _grow(self, cache: Cache, capacity: int) -> Cache:
+        """The same cache in buffers of ``capacity`` slots (copied through the host: a generate loop sizes its
+        buffers up front and never gets here)."""
+        content = {i: (_host(k)[:, :, : cache.length], _host(v)[:, :, : cache.length]) for i, (k, v) in cache.past.items()}
+        b = next(iter(content.values()))[0].shape[0] if content else 1
+        past = self._buffers(b, capacity, content)
+        if self.cuda_graph:
+            self._pools[(b, capacity)] = dict(past)
+        return Cache(past=past, length=cache.length, capacity=capacity)
 
     def run_flags(self, cache: Cache) -> dict[int, bool]:
         """``run_layer.{i}`` for the next step: all true at prefill, else any sequence of the batch runs ``i``."""
@@ -150,15 +216,19 @@ class OrtCausalLM:
         position_ids: np.ndarray | None = None,
         cache: Cache | None = None,
         last_only: bool = False,
+        capacity: int | None = None,
     ) -> StepOutput:
         """Run ``input_ids`` (B,T) after ``cache`` (None: an empty cache, i.e. prefill).
 
         ``attention_mask`` covers the cache and the new tokens: (B, cache.length + T). ``last_only``: return only
         the last position's logits (B, 1, V), read from the graph's ``last_logits`` output, so that the full
-        (B, T, V) logits stay where they were computed.
+        (B, T, V) logits stay where they were computed. ``capacity`` (preallocated cache, at prefill): the slots
+        to allocate, the prompt and every token to come (default: T + ``reserve``).
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, t = input_ids.shape
+        if self.preallocated:
+            return self._forward_preallocated(input_ids, attention_mask, position_ids, cache, last_only, capacity)
         cache = cache or self.empty_cache(b)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=self.mask_dtype)
         if attention_mask.shape != (b, cache.length + t):
@@ -216,6 +286,51 @@ class OrtCausalLM:
                 new.past[i] = (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"])
         return StepOutput(logits=logits, cache=new)
 
+    def _forward_preallocated(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                              position_ids: np.ndarray | None, cache: Cache | None, last_only: bool,
+                              capacity: int | None) -> StepOutput:
+        b, t = input_ids.shape
+        if cache is None:
+            cache = self.empty_cache(b, max(int(capacity or 0), t + self.reserve if capacity is None else t))
+        total = cache.length + t
+        if total > cache.capacity:
+            cache = self._grow(cache, max(total, 2 * cache.capacity))
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=self.mask_dtype)
+        if attention_mask.shape != (b, total):
+            raise ValueError(f"attention_mask must be (batch, past + new) = {(b, total)}, got {attention_mask.shape}")
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, t)
+        full_mask = np.zeros((b, cache.capacity), dtype=self.mask_dtype)
+        full_mask[:, :total] = attention_mask
+        feeds = {"input_ids": input_ids, "attention_mask": full_mask,
+                 "position_ids": np.ascontiguousarray(position_ids, dtype=self.position_dtype),
+                 "cache_position": np.arange(cache.length, total, dtype=np.int64)}
+        use_last = last_only and "last_logits" in self.output_names
+        if self.cuda_graph and t == 1:
+            key = (b, cache.capacity)
+            if key not in self._graphs:
+                self._graphs[key] = _GraphStep(self, cache, len(self._graphs))
+            logits_value = self._graphs[key].run(feeds, "last_logits" if use_last else "logits")
+        else:
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value, self.device_type, 0))
+            for i, (k, v) in cache.past.items():
+                for kind, value in (("key", k), ("value", v)):
+                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                    binding.bind_ortvalue_output(f"present.{i}.{kind}", value)  # the write lands in the buffer
+            name = "last_logits" if use_last else "logits"
+            binding.bind_output(name, self.device_type, 0)
+            options = None
+            if self.cuda_graph:  # prefill (or any multi-token step): outside the captured decode graph
+                options = self._ort.RunOptions()
+                options.add_run_config_entry("gpu_graph_id", "-1")
+            self.session.run_with_iobinding(binding, options)
+            logits_value = binding.get_outputs()[-1]  # bound last, after the presents
+        logits = _host(logits_value)
+        logits = logits[:, None] if use_last else (logits[:, -1:] if last_only else logits)
+        return StepOutput(logits=logits, cache=Cache(past=cache.past, length=total, capacity=cache.capacity))
+
     def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
         values = self.session.run(wanted, {**feeds, **host})
         return dict(zip(wanted, values))
@@ -252,7 +367,8 @@ class OrtCausalLM:
         pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
         done = np.zeros(b, dtype=bool)
         out: list[np.ndarray] = []
-        step = self.forward(input_ids, attention_mask, cache=None, last_only=True)
+        step = self.forward(input_ids, attention_mask, cache=None, last_only=True,
+                            capacity=input_ids.shape[1] + max_new_tokens)
         for n in range(max_new_tokens):
             token = step.logits[:, -1].astype(np.float32).argmax(-1).astype(np.int64)
             token = np.where(done, pad, token)
@@ -263,6 +379,53 @@ class OrtCausalLM:
             attention_mask = np.concatenate([attention_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
             step = self.forward(token[:, None], attention_mask, cache=step.cache, last_only=True)
         return np.stack(out, axis=1) if out else np.zeros((b, 0), dtype=np.int64)
+
+
+class _GraphStep:
+    """One decode step of a preallocated-cache graph as ONNX Runtime replays it from a CUDA graph: every input and
+    output bound once to a device buffer of its own, the inputs refreshed in place before each run. ONNX Runtime
+    runs it normally a few times, then captures it under its graph id and replays it from then on."""
+
+    def __init__(self, lm: OrtCausalLM, cache: Cache, graph_id: int):
+        ort = lm._ort
+        b, capacity = int(next(iter(cache.past.values()))[0].shape()[0]), cache.capacity
+        shapes = {"input_ids": ((b, 1), np.int64), "attention_mask": ((b, capacity), lm.mask_dtype),
+                  "position_ids": ((b, 1), lm.position_dtype), "cache_position": ((1,), np.int64)}
+        self.session = lm.session
+        self.binding = lm.session.io_binding()
+        self.inputs = {}
+        self.dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
+        for name, (shape, dtype) in shapes.items():
+            self.inputs[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), "cuda", 0)
+            self.binding.bind_ortvalue_input(name, self.inputs[name])
+        for i, (k, v) in cache.past.items():
+            for kind, value in (("key", k), ("value", v)):
+                self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
+                self.binding.bind_ortvalue_output(f"present.{i}.{kind}", value)
+        outputs = {o.name: o for o in lm.session.get_outputs()}
+        vocab = int(outputs["logits"].shape[-1])
+        logits_dtype = _ORT_TO_NUMPY[outputs["logits"].type]
+        self.outputs = {"logits": ort.OrtValue.ortvalue_from_numpy(np.zeros((b, 1, vocab), logits_dtype), "cuda", 0)}
+        if "last_logits" in outputs:
+            self.outputs["last_logits"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, vocab), logits_dtype), "cuda", 0)
+        for name, value in self.outputs.items():
+            self.binding.bind_ortvalue_output(name, value)
+        self.options = ort.RunOptions()
+        self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+
+    def run(self, feeds: dict[str, np.ndarray], output: str) -> Any:
+        for name, value in self.inputs.items():
+            value.update_inplace(np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]))
+        self.session.run_with_iobinding(self.binding, self.options)
+        return self.outputs[output]
+
+
+def _with_cuda_graph(provider: Any) -> Any:
+    """CUDAExecutionProvider (a name or a (name, options) pair) with ``enable_cuda_graph``; others unchanged."""
+    name, options = (provider, {}) if isinstance(provider, str) else provider
+    if name != "CUDAExecutionProvider":
+        return provider
+    return (name, {**options, "enable_cuda_graph": "1"})
 
 
 def _host(value: Any) -> np.ndarray:
