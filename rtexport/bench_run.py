@@ -27,9 +27,9 @@ def default_cells(device: torch.device) -> list[Cell]:
 
 
 def ort_prefill_once(lm: Any, ids: np.ndarray) -> float:
-    """ms for one prefill of ``ids`` (B, T) through an ``OrtCausalLM``, last position's logits only."""
+    """ms for one prefill of ``ids`` (B, T) through an ``OrtCausalLM`` that returns the greedy next token only."""
     start = time.perf_counter()
-    lm.forward(ids, np.ones_like(ids), last_only=True)
+    lm.forward(ids, np.ones_like(ids), greedy=True, capacity=ids.shape[1])
     return 1000 * (time.perf_counter() - start)
 
 
@@ -37,13 +37,12 @@ def ort_decode_once(lm: Any, ids: np.ndarray, steps: int) -> float:
     """ms per token over ``steps`` greedy decode steps through an ``OrtCausalLM``, after an untimed prefill of
     ``ids`` (B, T)."""
     mask = np.ones_like(ids)
-    step = lm.forward(ids, mask, last_only=True)
-    token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    # a preallocated cache holds the prompt and the steps, as PyTorch's static cache does; a growing one ignores it
+    step = lm.forward(ids, mask, greedy=True, capacity=ids.shape[1] + steps)
     start = time.perf_counter()
     for _ in range(steps):
         mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=mask.dtype)], axis=1)
-        step = lm.forward(token, mask, cache=step.cache, last_only=True)
-        token = step.logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        step = lm.forward(step.next_token[:, None], mask, cache=step.cache, greedy=True)
     return 1000 * (time.perf_counter() - start) / steps
 
 

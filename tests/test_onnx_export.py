@@ -83,7 +83,7 @@ def test_static_graph_holds_kv_only_for_kept_attention(arch):
     assert inputs == ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kind}" for i in kept for kind in ("key", "value")
     ]
-    assert outputs == ["logits"] + [f"present.{i}.{kind}" for i in kept for kind in ("key", "value")] + ["last_logits"]
+    assert outputs == ["logits"] + [f"present.{i}.{kind}" for i in kept for kind in ("key", "value")] + ["last_logits", "next_token"]
     assert not [n for n in model.graph.node if n.op_type == "If"]
     # weights keep their parameter names: the kept layers' attention is there, the skipped layers' is not
     names = {t.name for t in model.graph.initializer}
@@ -140,7 +140,7 @@ def test_gated_graph_has_one_block_if_per_routed_layer_on_host_inputs(arch):
         t = inputs[f"run_layer.{i}"].type.tensor_type
         assert t.elem_type == onnx.TensorProto.BOOL and len(t.shape.dim) == 0
     assert all(f"past_key_values.{i}.key" in inputs for i in range(NUM_LAYERS))
-    assert "routing_decisions" in inputs and [o.name for o in model.graph.output][-2:] == ["decisions", "last_logits"]
+    assert "routing_decisions" in inputs and [o.name for o in model.graph.output][-3:] == ["decisions", "last_logits", "next_token"]
 
 
 # ---- parity ----------------------------------------------------------------------------------------------------

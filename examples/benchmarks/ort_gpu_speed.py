@@ -227,9 +227,10 @@ def export_phase(args) -> None:
                 export_onnx(loaded, folder, mode="gated", routed=routed, dtype="float16", opset=opset,
                             attention=args.attention, prefill_select=args.prefill_select)
                 routed.unwrap()
-            else:
+            else:  # "static", or "preallocated": the static graph with a preallocated KV cache
                 export_onnx(loaded, folder, mode="static", plan=plan, dtype="float16", opset=opset,
-                            attention=args.attention)
+                            attention=args.attention,
+                            kv_cache="preallocated" if mode == "preallocated" else "growing")
             seconds[mode] = round(time.perf_counter() - t, 1)
             strip(folder, out / mode)
         print(mode, "exported in", seconds[mode], "s", flush=True)
@@ -288,13 +289,18 @@ def bench_phase(args) -> None:
 
     # "static" and one or more gated graphs ("gated", and e.g. an earlier layout exported from another commit under
     # another folder name), each measured against "static"
-    gated = sorted(d.name for d in graphs.iterdir() if (d / "export_info.json").is_file() and d.name != "static")
-    modes = ["static", *gated]
+    # "preallocated" (the static graph with a preallocated KV cache, run with CUDA graphs) likewise
+    infos = {d.name: json.loads((d / "export_info.json").read_text()) for d in graphs.iterdir()
+             if (d / "export_info.json").is_file()}
+    gated = sorted(name for name, info in infos.items() if info["mode"] == "gated")
+    prealloc = sorted(name for name, info in infos.items() if info.get("kv_cache") == "preallocated")
+    modes = ["static", *prealloc, *gated]
     t = time.perf_counter()
     for mode in gated:
         fill(graphs / mode, graph_module_from_info(loaded, graphs / mode, routed=routed))
     routed.unwrap()
-    fill(graphs / "static", graph_module_from_info(loaded, graphs / "static", plan=plan))
+    for mode in ["static", *prealloc]:
+        fill(graphs / mode, graph_module_from_info(loaded, graphs / mode, plan=plan))
     log["fill_seconds"] = time.perf_counter() - t
     print("weights written", log["fill_seconds"], flush=True)
 
@@ -322,7 +328,8 @@ def bench_phase(args) -> None:
     for variant in variants:
         for mode in modes:
             key = mode if variant == variants[0] else f"{mode}@{variant}"
-            sessions[key] = OrtCausalLM(graphs / mode, providers=providers, session_options=session_options(variant))
+            sessions[key] = OrtCausalLM(graphs / mode, providers=providers, session_options=session_options(variant),
+                                        cuda_graph=mode in prealloc and args.device == "cuda")
     for mode in gated:  # the gated graph's own routers must choose the plan on that prompt too
         lm = sessions[mode]
         step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)
@@ -379,7 +386,7 @@ def bench_phase(args) -> None:
             elif variant:
                 ratios[f"{key}_over_static_{phase}"] = res[f"ort_{key}"][f"{phase}_ms"] / res["ort_static"][f"{phase}_ms"]
     for key in measured:
-        if key.partition("@")[0] != "static":
+        if key.partition("@")[0] not in ("static", *prealloc):
             continue
         static = res[f"ort_{key}"]
         ratios |= {

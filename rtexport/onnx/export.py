@@ -122,7 +122,8 @@ def _dim_names(spec: GraphSpec, kv_cache: str = "growing") -> dict[str, list[str
     if kv_cache == "preallocated":
         names = {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "cache_length"],
                  "position_ids": ["batch_size", "sequence_length"], "cache_position": ["sequence_length"],
-                 "logits": ["batch_size", "sequence_length", None], "last_logits": ["batch_size", None]}
+                 "logits": ["batch_size", "sequence_length", None], "last_logits": ["batch_size", None],
+                 "next_token": ["batch_size", None]}
         for i in spec.kv_layers:
             for kind in ("key", "value"):
                 names[f"past_key_values.{i}.{kind}"] = ["batch_size", None, "cache_length", None]
@@ -134,6 +135,7 @@ def _dim_names(spec: GraphSpec, kv_cache: str = "growing") -> dict[str, list[str
         "position_ids": ["batch_size", "sequence_length"],
         "logits": ["batch_size", "sequence_length", None],
         "last_logits": ["batch_size", None],
+        "next_token": ["batch_size", None],
     }
     for i in spec.kv_layers:
         past = f"past_sequence_length_{i}" if spec.routes_attention(i) else "past_sequence_length"

@@ -231,8 +231,9 @@ class DecoderGraph(nn.Module):
     ``past_key_values.{i}.key|value`` (B,kv,P_i,d) for each layer ``i`` with attention,
     gated only: ``routing_decisions`` (B,R) bool and ``run_layer.{i}`` () bool for each routed layer ``i``,
     preallocated cache only: ``cache_position`` (T,) int64, the buffer slots this step writes
-    → ``logits`` (B,T,V), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, and ``last_logits``
-    (B,V), the last position's logits.
+    → ``logits`` (B,T,V), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, ``last_logits``
+    (B,V), the last position's logits, and ``next_token`` (B,1) int64, their argmax (the greedy next token, chosen on
+    the device: a greedy loop copies 8 bytes per sequence off it, not the vocabulary's logits).
 
     With ``kv_cache="preallocated"`` every past is a (B,kv,L,d) buffer of the generation's whole length ``L``, the
     present is that buffer after this step's write, and ``attention_mask`` is (B,L): 1 for the slots that hold a
@@ -326,7 +327,7 @@ class DecoderGraph(nn.Module):
             names += [f"present.{i}.key", f"present.{i}.value"]
         if self.spec.mode == "gated":
             names.append("decisions")
-        names.append("last_logits")
+        names += ["last_logits", "next_token"]
         return names
 
     # ---- pieces ------------------------------------------------------------------------------------------------
@@ -582,7 +583,8 @@ class DecoderGraph(nn.Module):
             outputs.append(torch.cat(decisions, dim=1)[:, :, 0])
         # the last position's logits, sliced from ``logits``: a generate loop binds only this output and so never
         # copies the prompt's (B, T, vocab) logits off the device
-        outputs.append(logits[:, -1].clone())
+        last = logits[:, -1].clone()
+        outputs += [last, last.argmax(dim=-1, keepdim=True)]
         return tuple(outputs)
 
     def _sub_block(self, layer: _Layer):

@@ -165,7 +165,7 @@ Perplexity on those sequences: PyTorch {{ "%.4f"|format(report.details.perplexit
 - inputs: `input_ids`, `attention_mask`, `position_ids` (int64), `past_key_values.{i}.key|value` for layers
   {{ ranges(kv_layers) }}{% if mode == "gated" %}, `routing_decisions`, `run_layer.{i}` for layers {{ ranges(routed) }}{% endif %}
 - outputs: `logits`, `present.{i}.key|value` for the same layers{% if mode == "gated" %}, `decisions`{% endif %},
-  `last_logits` (the last position's logits, all a generate loop needs to copy off the device)
+  `last_logits` (the last position's logits), `next_token` (their argmax: all a greedy loop copies off the device)
 {% if kv_cache == "preallocated" -%}
 - also `cache_position` (the slots this step writes)
 - KV cache: preallocated buffers (batch, {{ kv_heads }} kv heads, capacity, {{ head_dim }}), {{ dtype }}, written in

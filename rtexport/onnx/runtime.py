@@ -71,8 +71,9 @@ class Cache:
 
 @dataclass
 class StepOutput:
-    logits: np.ndarray  # (B, T, V), or (B, 1, V) when only the last position was asked for
+    logits: np.ndarray | None  # (B, T, V), or (B, 1, V) when only the last position was asked for; None: greedy
     cache: Cache
+    next_token: np.ndarray | None = None  # (B,) int64, the greedy next token (forward(..., greedy=True))
 
 
 class OrtCausalLM:
@@ -217,18 +218,22 @@ class OrtCausalLM:
         cache: Cache | None = None,
         last_only: bool = False,
         capacity: int | None = None,
+        greedy: bool = False,
     ) -> StepOutput:
         """Run ``input_ids`` (B,T) after ``cache`` (None: an empty cache, i.e. prefill).
 
         ``attention_mask`` covers the cache and the new tokens: (B, cache.length + T). ``last_only``: return only
         the last position's logits (B, 1, V), read from the graph's ``last_logits`` output, so that the full
         (B, T, V) logits stay where they were computed. ``capacity`` (preallocated cache, at prefill): the slots
-        to allocate, the prompt and every token to come (default: T + ``reserve``).
+        to allocate, the prompt and every token to come (default: T + ``reserve``). ``greedy``: return only the
+        next greedy token per sequence (the graph's ``next_token``, an argmax on the device; graphs without that
+        output: the argmax of the last logits, on the host), no logits.
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, t = input_ids.shape
         if self.preallocated:
-            return self._forward_preallocated(input_ids, attention_mask, position_ids, cache, last_only, capacity)
+            return self._forward_preallocated(input_ids, attention_mask, position_ids, cache, last_only, capacity,
+                                              greedy)
         cache = cache or self.empty_cache(b)
         attention_mask = np.ascontiguousarray(attention_mask, dtype=self.mask_dtype)
         if attention_mask.shape != (b, cache.length + t):
@@ -257,19 +262,14 @@ class OrtCausalLM:
         # a layer that keeps no cache returns its (empty) past as its present: not asked for, never fetched
         dropped = {f"present.{i}.{kind}" for i in self.gated_kv_layers if cache.active and not cache.active.get(i, True)
                    for kind in ("key", "value")}
-        wanted = [n for n in self.output_names if n not in ("logits", "last_logits") and n not in dropped]
-        use_last = last_only and "last_logits" in self.output_names
-        wanted.append("last_logits" if use_last else "logits")
+        wanted = [n for n in self.output_names if n not in _LOGITS and n not in dropped]
+        fetched = self._fetched(last_only, greedy)
+        wanted.append(fetched)
         if self.io_binding:
             outputs = self._run_io_binding(feeds, host, wanted)
         else:
             outputs = self._run_plain(feeds, host, wanted)
-        if use_last:
-            logits = _host(outputs["last_logits"])[:, None]
-        else:
-            logits = _host(outputs["logits"])
-            if last_only:
-                logits = logits[:, -1:]
+        logits, next_token = self._read(fetched, outputs[fetched], last_only, greedy)
 
         decisions, decisions_value = cache.decisions, cache.decisions_value
         if self.gated and cache.decisions is None:
@@ -284,11 +284,30 @@ class OrtCausalLM:
                 new.past[i] = (self._empty(b), self._empty(b))
             else:
                 new.past[i] = (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"])
-        return StepOutput(logits=logits, cache=new)
+        return StepOutput(logits=logits, cache=new, next_token=next_token)
+
+    def _fetched(self, last_only: bool, greedy: bool) -> str:
+        """The one logits-like output a step copies off the device."""
+        if greedy and "next_token" in self.output_names:
+            return "next_token"
+        if (last_only or greedy) and "last_logits" in self.output_names:
+            return "last_logits"
+        return "logits"
+
+    @staticmethod
+    def _read(name: str, value: Any, last_only: bool, greedy: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(logits, next_token)`` on the host from the fetched output."""
+        host = _host(value)
+        if name == "next_token":
+            return None, host.reshape(-1).astype(np.int64)
+        logits = host[:, None] if name == "last_logits" else (host[:, -1:] if (last_only or greedy) else host)
+        if greedy:  # a graph without next_token: the argmax on the host (float32: numpy's float16 argmax is slow)
+            return None, logits[:, -1].astype(np.float32).argmax(-1).astype(np.int64)
+        return logits, None
 
     def _forward_preallocated(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                               position_ids: np.ndarray | None, cache: Cache | None, last_only: bool,
-                              capacity: int | None) -> StepOutput:
+                              capacity: int | None, greedy: bool = False) -> StepOutput:
         b, t = input_ids.shape
         if cache is None:
             cache = self.empty_cache(b, max(int(capacity or 0), t + self.reserve if capacity is None else t))
@@ -305,12 +324,12 @@ class OrtCausalLM:
         feeds = {"input_ids": input_ids, "attention_mask": full_mask,
                  "position_ids": np.ascontiguousarray(position_ids, dtype=self.position_dtype),
                  "cache_position": np.arange(cache.length, total, dtype=np.int64)}
-        use_last = last_only and "last_logits" in self.output_names
+        fetched = self._fetched(last_only, greedy)
         if self.cuda_graph and t == 1:
             key = (b, cache.capacity)
             if key not in self._graphs:
                 self._graphs[key] = _GraphStep(self, cache, len(self._graphs))
-            logits_value = self._graphs[key].run(feeds, "last_logits" if use_last else "logits")
+            logits_value = self._graphs[key].run(feeds, fetched)
         else:
             binding = self.session.io_binding()
             for name, value in feeds.items():
@@ -319,17 +338,16 @@ class OrtCausalLM:
                 for kind, value in (("key", k), ("value", v)):
                     binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
                     binding.bind_ortvalue_output(f"present.{i}.{kind}", value)  # the write lands in the buffer
-            name = "last_logits" if use_last else "logits"
-            binding.bind_output(name, self.device_type, 0)
+            binding.bind_output(fetched, self.device_type, 0)
             options = None
             if self.cuda_graph:  # prefill (or any multi-token step): outside the captured decode graph
                 options = self._ort.RunOptions()
                 options.add_run_config_entry("gpu_graph_id", "-1")
             self.session.run_with_iobinding(binding, options)
             logits_value = binding.get_outputs()[-1]  # bound last, after the presents
-        logits = _host(logits_value)
-        logits = logits[:, None] if use_last else (logits[:, -1:] if last_only else logits)
-        return StepOutput(logits=logits, cache=Cache(past=cache.past, length=total, capacity=cache.capacity))
+        logits, next_token = self._read(fetched, logits_value, last_only, greedy)
+        return StepOutput(logits=logits, cache=Cache(past=cache.past, length=total, capacity=cache.capacity),
+                          next_token=next_token)
 
     def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
         values = self.session.run(wanted, {**feeds, **host})
@@ -367,17 +385,17 @@ class OrtCausalLM:
         pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
         done = np.zeros(b, dtype=bool)
         out: list[np.ndarray] = []
-        step = self.forward(input_ids, attention_mask, cache=None, last_only=True,
+        step = self.forward(input_ids, attention_mask, cache=None, greedy=True,
                             capacity=input_ids.shape[1] + max_new_tokens)
         for n in range(max_new_tokens):
-            token = step.logits[:, -1].astype(np.float32).argmax(-1).astype(np.int64)
+            token = step.next_token
             token = np.where(done, pad, token)
             out.append(token)
             done |= np.isin(token, list(eos)) if eos else False
             if n == max_new_tokens - 1 or done.all():
                 break
             attention_mask = np.concatenate([attention_mask, np.ones((b, 1), dtype=np.int64)], axis=1)
-            step = self.forward(token[:, None], attention_mask, cache=step.cache, last_only=True)
+            step = self.forward(token[:, None], attention_mask, cache=step.cache, greedy=True)
         return np.stack(out, axis=1) if out else np.zeros((b, 0), dtype=np.int64)
 
 
@@ -408,6 +426,8 @@ class _GraphStep:
         self.outputs = {"logits": ort.OrtValue.ortvalue_from_numpy(np.zeros((b, 1, vocab), logits_dtype), "cuda", 0)}
         if "last_logits" in outputs:
             self.outputs["last_logits"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, vocab), logits_dtype), "cuda", 0)
+        if "next_token" in outputs:
+            self.outputs["next_token"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, 1), np.int64), "cuda", 0)
         for name, value in self.outputs.items():
             self.binding.bind_ortvalue_output(name, value)
         self.options = ort.RunOptions()
@@ -426,6 +446,9 @@ def _with_cuda_graph(provider: Any) -> Any:
     if name != "CUDAExecutionProvider":
         return provider
     return (name, {**options, "enable_cuda_graph": "1"})
+
+
+_LOGITS = ("logits", "last_logits", "next_token")
 
 
 def _host(value: Any) -> np.ndarray:
