@@ -356,6 +356,11 @@ def bench_phase(args) -> None:
             r["prefill_samples"] += pre
             r["decode_samples"].append(dec)
         print(round_, {k: round(res[f"ort_{k}"]["decode_samples"][-1], 3) for k in keys}, flush=True)
+    # the graphs agree: greedy tokens of every session against the static graph's (a CUDA-graph replay included)
+    reference = sessions["static"].generate(prompt, max_new_tokens=32)
+    log["greedy_32_matches_static"] = {key: bool((lm.generate(prompt, max_new_tokens=32) == reference).all())
+                                       for key, lm in sessions.items()}
+    print("greedy tokens match the static graph's:", log["greedy_32_matches_static"], flush=True)
     measured = list(sessions)
     del sessions
     if args.placement:
