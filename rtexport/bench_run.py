@@ -108,16 +108,20 @@ def bench_artifacts(
     notes = []
     if onnx_graphs:
         vocab = loaded.model.config.vocab_size
+        from .onnx.export import load_export_info
         from .onnx.runtime import OrtCausalLM
 
         for name, graph in onnx_graphs.items():
-            lm = OrtCausalLM(graph)
+            # a preallocated-cache graph replays its decode step as a CUDA graph on CUDAExecutionProvider
+            kv_cache = load_export_info(graph).get("kv_cache", "growing")
+            lm = OrtCausalLM(graph, cuda_graph=kv_cache == "preallocated")
             for c in cells:
                 ms = (_ort_prefill_ms if c.kind == "prefill" else _ort_decode_ms)(lm, c, reps, vocab)
                 med = statistics.median(ms)
                 full_ms = result["models"]["full"][c.key]["median_ms"]
                 rows.append({"variant": name, "cell": c.key, "seconds": med / 1000, "ms": med,
-                             "speedup": full_ms / med, "method": f"onnxruntime {lm.device_type} ({'IO binding' if lm.io_binding else 'numpy'})"})
+                             "speedup": full_ms / med, "method": f"onnxruntime {lm.device_type} ({'IO binding' if lm.io_binding else 'numpy'}"
+                             f"{', CUDA graph decode' if lm.cuda_graph else ''})"})
             del lm
         notes.append("ONNX rows: ONNX Runtime in the same process; the speedup is against the full PyTorch model.")
     if device.type == "cpu":

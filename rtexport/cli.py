@@ -304,6 +304,7 @@ def tune_and_export_cmd(
     onnx_dtype: str = typer.Option("auto", help="ONNX dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16."),
     opset: int = typer.Option(23, help="ONNX opset (23+ gives one fused Attention node per layer)."),
     attention: str = typer.Option("auto", help="ONNX attention: auto (fused at opset >= 23), fused or explicit."),
+    kv_cache: str = typer.Option("growing", help="The static graph's KV cache: growing, or preallocated (buffers written in place; CUDA-graph decode under ONNX Runtime)."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance (default per dtype)."),
     bench: bool = typer.Option(True, "--bench/--no-bench"),
     push_to_hub: Optional[str] = typer.Option(None, help="Hub repo id to upload the result to."),
@@ -321,7 +322,7 @@ def tune_and_export_cmd(
     settings = PipelineSettings(
         model=model, output=str(output), target=target, skip_ratio=skip_ratio, format=fmt, layers=layers, data=data,
         seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, steps=steps, lr=lr, objective=objective, repeat_fraction=repeat_fraction, eval_tasks=eval_tasks,
-        eval_limit=eval_limit, onnx_dtype=onnx_dtype, opset=opset, attention=attention, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
+        eval_limit=eval_limit, onnx_dtype=onnx_dtype, opset=opset, attention=attention, kv_cache=kv_cache, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
         dry_run=dry_run, force=force, revision=revision, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, command="rtexport " + " ".join(sys.argv[1:]),
     )

@@ -58,6 +58,7 @@ class PipelineSettings:
     onnx_dtype: str = "auto"
     opset: int = 23
     attention: str = "auto"
+    kv_cache: str = "growing"  # the static graph's KV cache: growing, or preallocated (CUDA-graph decode)
     atol: float | None = None
     validate_steps: int = 16
     # evaluation
@@ -88,6 +89,12 @@ class PipelineSettings:
             if int(self.opset) not in OPSETS:
                 raise DataError(f"--opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {self.opset}")
             resolve_attention(self.attention, int(self.opset))
+            from .onnx.graph_model import KV_CACHES, PREALLOCATED_OPSET
+
+            if self.kv_cache not in KV_CACHES:
+                raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
+            if self.kv_cache == "preallocated" and int(self.opset) < PREALLOCATED_OPSET - 1:
+                raise DataError(f"--kv-cache preallocated needs --opset {PREALLOCATED_OPSET - 1} or later")
 
     def key(self, *names: str) -> str:
         d = asdict(self)
@@ -288,7 +295,7 @@ class Pipeline:
         from .onnx.export import export_onnx, load_export_info
         from .tuning.trainer import load_tuned
 
-        key = _hash(plan_key, self.s.key("onnx_modes", "onnx_dtype", "opset", "attention"))
+        key = _hash(plan_key, self.s.key("onnx_modes", "onnx_dtype", "opset", "attention", "kv_cache"))
 
         def run() -> dict[str, Any]:
             results: dict[str, Any] = {}
@@ -297,7 +304,7 @@ class Pipeline:
                 target = self.path("onnx-build", mode)
                 if mode == "static":
                     path = export_onnx(self.loaded, target, mode="static", plan=plan, dtype=self._onnx_dtype(), opset=self.s.opset,
-                                       attention=self.s.attention)
+                                       attention=self.s.attention, kv_cache=self.s.kv_cache)
                 else:
                     routed = load_tuned(self.loaded, self.path("routers"))
                     try:

@@ -20,6 +20,15 @@ def test_user_errors_are_one_line_and_non_zero(capsys):
     assert "--target-skip must be in [0, 1)" in capsys.readouterr().err
 
 
+def test_bad_kv_cache_choices_fail_before_any_work(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["tune-and-export", "--kv-cache", "paged", "--output", str(out)]) == 2
+    assert "--kv-cache must be one of growing, preallocated" in capsys.readouterr().err
+    assert main(["tune-and-export", "--kv-cache", "preallocated", "--opset", "18", "--output", str(out)]) == 2
+    assert "needs --opset 23 or later" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_unknown_option_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "rtexport.cli", "tune", "--no-such-option"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
