@@ -311,15 +311,14 @@ def bench_phase(args) -> None:
         torch.cuda.empty_cache() if args.device == "cuda" else None
         pruned = load_pruned(Path(work) / "pruned", dtype=dtype, device=args.device).model
     res = {}
+    # PyTorch's eager decode once here; its prefill and CUDA-graph decode are sampled in the rounds below, interleaved
+    # with the ONNX Runtime sessions (the pruned model stays on the GPU next to them)
     res["torch_pruned"] = {
-        "prefill_ms": time_prefill(pruned, args.batch, args.prompt, reps=args.reps).median_ms,
-        "decode_ms": time_decode(pruned, args.batch, args.prompt, args.new_tokens, reps=3).median_ms,
         "decode_eager_ms": time_decode(pruned, args.batch, args.prompt, args.new_tokens, reps=3,
                                        cuda_graph=False).median_ms,
+        "prefill_samples": [], "decode_samples": [],
     }
-    print("torch", res["torch_pruned"], flush=True)
-    del pruned
-    torch.cuda.empty_cache() if args.device == "cuda" else None
+    print("torch eager decode", res["torch_pruned"]["decode_eager_ms"], flush=True)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
     # every session open at once; the first variant's sessions are named after their graph alone, the others' get
     # "@variant"
@@ -344,10 +343,17 @@ def bench_phase(args) -> None:
     for lm in sessions.values():
         ort_prefill_once(lm, prompt)
         ort_decode_once(lm, prompt, args.new_tokens)
-    keys = list(sessions)
+    keys = ["torch", *sessions]
     for round_ in range(args.rounds):
         shift = round_ % len(keys)
         for key in keys[shift:] + keys[:shift]:
+            if key == "torch":  # one sample of each: --reps prefills, one decode (a CUDA-graph replay on a GPU)
+                r = res["torch_pruned"]
+                r["prefill_samples"] += time_prefill(pruned, args.batch, args.prompt, warmup=1,
+                                                     reps=args.reps).samples_ms
+                r["decode_samples"] += time_decode(pruned, args.batch, args.prompt, args.new_tokens, warmup=1,
+                                                   reps=1).samples_ms
+                continue
             lm = sessions[key]
             pre = [ort_prefill_once(lm, prompt) for _ in range(args.reps)]
             dec = ort_decode_once(lm, prompt, args.new_tokens)
@@ -355,7 +361,8 @@ def bench_phase(args) -> None:
                                               "provider": lm.session.get_providers()[0]})
             r["prefill_samples"] += pre
             r["decode_samples"].append(dec)
-        print(round_, {k: round(res[f"ort_{k}"]["decode_samples"][-1], 3) for k in keys}, flush=True)
+        print(round_, {k: round(res["torch_pruned" if k == "torch" else f"ort_{k}"]["decode_samples"][-1], 3)
+                       for k in keys}, flush=True)
     # a CUDA-graph session's captured decode step replayed alone (same inputs, no host-side step work): what the
     # step costs ONNX Runtime on the GPU plus one Run call, against the whole step measured above
     for key, lm in sessions.items():
@@ -388,8 +395,8 @@ def bench_phase(args) -> None:
             log["profile"][mode] = profile_decode(graphs / mode, providers, vocab, args.prompt, args.batch, 16,
                                                   out / f"ort_profile_{mode}")
             print(mode, json.dumps(log["profile"][mode])[:1500], flush=True)
-    for mode in measured:
-        r = res[f"ort_{mode}"]
+    del pruned
+    for r in [res["torch_pruned"], *(res[f"ort_{mode}"] for mode in measured)]:
         r["prefill_ms"] = statistics.median(r["prefill_samples"])
         r["decode_ms"] = statistics.median(r["decode_samples"])
     torch_ = res["torch_pruned"]
