@@ -149,3 +149,22 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="preallocated"):
         OrtCausalLM(case.onnx_dir, cuda_graph=True)
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_captured_step_bindings_reuse_their_buffers():
+    """The decode step a CUDA graph replays (``_GraphStep``: fixed buffers, ``input_ids`` sharing its buffer with
+    ``next_token``, uploads skipped when a buffer already holds the value), driven on the CPU provider, which has
+    no graph capture but runs the same bindings: it must decode exactly as the per-step bindings do."""
+    case = exported("llama", "preallocated")
+    batch = left_pad(random_sequences(3, seed=31, lo=3, hi=8))
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    expected = OrtCausalLM(case.onnx_dir).generate(ids, mask, max_new_tokens=12)
+    replayed = OrtCausalLM(case.onnx_dir)
+    replayed.cuda_graph = True  # what cuda_graph=True sets on CUDAExecutionProvider
+    assert replayed.generate(ids, mask, max_new_tokens=12).tolist() == expected.tolist()
+    (step,) = replayed._graphs.values()
+    assert step.outputs["next_token"] is step.inputs["input_ids"]
+    # the mask buffer holds the prompt's mask with every later slot marked real: uploaded once, at the first step
+    held = step.held["attention_mask"]
+    assert held.shape == (3, ids.shape[1] + 12) and held[:, ids.shape[1]:].all()
+    assert np.array_equal(held[:, : ids.shape[1]], mask)
