@@ -319,9 +319,7 @@ class OrtCausalLM:
             raise ValueError(f"attention_mask must be (batch, past + new) = {(b, total)}, got {attention_mask.shape}")
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, t)
-        # slots not written yet count as real: the graph's causal test (slot <= cache_position) already hides them,
-        # and so the mask stays the same from one decode step to the next (a CUDA-graph step need not upload it)
-        full_mask = np.ones((b, cache.capacity), dtype=self.mask_dtype)
+        full_mask = np.zeros((b, cache.capacity), dtype=self.mask_dtype)
         full_mask[:, :total] = attention_mask
         feeds = {"input_ids": input_ids, "attention_mask": full_mask,
                  "position_ids": np.ascontiguousarray(position_ids, dtype=self.position_dtype),
@@ -404,11 +402,7 @@ class OrtCausalLM:
 class _GraphStep:
     """One decode step of a preallocated-cache graph as ONNX Runtime replays it from a CUDA graph: every input and
     output bound once to a device buffer of its own, the inputs refreshed in place before each run. ONNX Runtime
-    runs it normally a few times, then captures it under its graph id and replays it from then on.
-
-    Inputs are uploaded only when they differ from what their buffer holds. ``input_ids`` shares its buffer with the
-    ``next_token`` output (the embedding reads it before the argmax writes it), so a greedy loop that feeds back
-    the token it was given uploads no token; the mask does not change between decode steps either."""
+    runs it normally a few times, then captures it under its graph id and replays it from then on."""
 
     def __init__(self, lm: OrtCausalLM, cache: Cache, graph_id: int):
         ort, device = lm._ort, lm.device_type
@@ -419,9 +413,9 @@ class _GraphStep:
         self.binding = lm.session.io_binding()
         self.inputs = {}
         self.dtypes = {name: dtype for name, (_, dtype) in shapes.items()}
-        self.held: dict[str, np.ndarray] = {}  # what each input buffer holds, as last uploaded or read back
         for name, (shape, dtype) in shapes.items():
             self.inputs[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), device, 0)
+            self.binding.bind_ortvalue_input(name, self.inputs[name])
         for i, (k, v) in cache.past.items():
             for kind, value in (("key", k), ("value", v)):
                 self.binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
@@ -433,9 +427,7 @@ class _GraphStep:
         if "last_logits" in outputs:
             self.outputs["last_logits"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, vocab), logits_dtype), device, 0)
         if "next_token" in outputs:
-            self.outputs["next_token"] = self.inputs["input_ids"]  # the token buffer feeds the next step
-        for name, value in self.inputs.items():
-            self.binding.bind_ortvalue_input(name, value)
+            self.outputs["next_token"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((b, 1), np.int64), device, 0)
         for name, value in self.outputs.items():
             self.binding.bind_ortvalue_output(name, value)
         self.options = ort.RunOptions()
@@ -443,20 +435,9 @@ class _GraphStep:
 
     def run(self, feeds: dict[str, np.ndarray], output: str) -> Any:
         for name, value in self.inputs.items():
-            new = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            held = self.held.get(name)
-            if held is None or held.shape != new.shape or not np.array_equal(held, new):
-                value.update_inplace(new)
-                self.held[name] = new
+            value.update_inplace(np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]))
         self.session.run_with_iobinding(self.binding, self.options)
-        if self.outputs.get("next_token") is self.inputs["input_ids"]:
-            self.held.pop("input_ids", None)  # the graph rewrote it (next_token) unless read back below
-        result = self.outputs[output]
-        if output == "next_token":
-            token = result.numpy()
-            self.held["input_ids"] = token
-            return token
-        return result
+        return self.outputs[output]
 
 
 def _with_cuda_graph(provider: Any) -> Any:
