@@ -47,6 +47,15 @@ def max_diff_real(a, b, mask):
     return float((torch.as_tensor(a).float() - b.float()).abs()[mask > 0].max())
 
 
+def assert_padded_batches_match(model, ort_model, seqs):
+    """Prefill logits over real tokens: one sequence, three left-padded, three right-padded."""
+    for batch in (left_pad(seqs[:1]), left_pad(seqs[1:4]), right_pad(seqs[1:4])):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ref, _ = torch_step(model, ids, mask)
+        out = ort_model.forward(ids.numpy(), mask.numpy())
+        assert max_diff_real(out.logits, ref, mask) <= ATOL
+
+
 @torch.no_grad()
 def decisions_alone(case, seq):
     """The routers' decisions for one sequence on its own, or None when a score is too close to the threshold."""
@@ -150,11 +159,7 @@ def test_static_parity_padding_and_cache(arch):
     ort_model = OrtCausalLM(case.onnx_dir)
     seqs = random_sequences(4, seed=11, lo=4, hi=10)
     with reference(case) as model:
-        for batch in (left_pad(seqs[:1]), left_pad(seqs[1:4]), right_pad(seqs[1:4])):
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            ref, _ = torch_step(model, ids, mask)
-            out = ort_model.forward(ids.numpy(), mask.numpy())
-            assert max_diff_real(out.logits, ref, mask) <= ATOL
+        assert_padded_batches_match(model, ort_model, seqs)
         # past > 0: a left-padded prefill, then three more tokens through the cache
         batch = left_pad(seqs[1:4])
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx_cases import STATIC_SKIP, exported, random_sequences, reference
 from test_onnx_attention import host_to_device_values
-from test_onnx_export import ATOL, max_diff_real, right_pad, torch_step
+from test_onnx_export import ATOL, assert_padded_batches_match, max_diff_real, torch_step
 
 from rtexport.errors import DataError
 from rtexport.evaluation.parity import left_pad, torch_greedy, validate
@@ -56,11 +56,7 @@ def test_parity_padding_and_cache_written_in_place(arch):
     assert lm.preallocated and lm.io_binding
     seqs = random_sequences(4, seed=11, lo=4, hi=10)
     with reference(case) as model:
-        for batch in (left_pad(seqs[:1]), left_pad(seqs[1:4]), right_pad(seqs[1:4])):
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            ref, _ = torch_step(model, ids, mask)
-            out = lm.forward(ids.numpy(), mask.numpy())
-            assert max_diff_real(out.logits, ref, mask) <= ATOL
+        assert_padded_batches_match(model, lm, seqs)
         # past > 0: a left-padded prefill into 16-slot buffers, then three tokens at once, then one
         batch = left_pad(seqs[1:4])
         ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -68,8 +68,24 @@ def _matmul_graph(t: int, k: int, n: int, weight: np.ndarray) -> onnx.ModelProto
     return model
 
 
+def _median_ms(run, reps: int, sync=None) -> float:
+    """Median ms of ``run()`` (then ``sync()``, if given) over ``reps`` calls, after three untimed ones."""
+    for _ in range(3):
+        run()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        run()
+        if sync:
+            sync()
+        samples.append(1000 * (time.perf_counter() - start))
+    return statistics.median(samples)
+
+
 def _time_ort(model: onnx.ModelProto, feeds: dict[str, torch.Tensor], reps: int) -> float:
-    """Median ms of one run with every input and output on the GPU (IO binding), synchronised."""
+    """One run with every input and output on the GPU (IO binding; a run returns when the GPU is done)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
@@ -78,27 +94,11 @@ def _time_ort(model: onnx.ModelProto, feeds: dict[str, torch.Tensor], reps: int)
         binding.bind_input(name, "cuda", 0, np.float16, list(value.shape), value.data_ptr())
     for out in session.get_outputs():
         binding.bind_output(out.name, "cuda", 0)
-    for _ in range(3):
-        session.run_with_iobinding(binding)
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        session.run_with_iobinding(binding)
-        samples.append(1000 * (time.perf_counter() - start))
-    return statistics.median(samples)
+    return _median_ms(lambda: session.run_with_iobinding(binding), reps)
 
 
 def _time_torch(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        samples.append(1000 * (time.perf_counter() - start))
-    return statistics.median(samples)
+    return _median_ms(fn, reps, torch.cuda.synchronize)
 
 
 def main() -> None:
