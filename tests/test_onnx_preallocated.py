@@ -163,3 +163,24 @@ def test_captured_step_bindings_decode_as_the_per_step_ones():
     assert replayed.generate(ids, mask, max_new_tokens=12).tolist() == expected.tolist()
     assert list(replayed._graphs.values()) == [step]
     assert {name: value.data_ptr() for name, value in {**step.inputs, **step.outputs}.items()} == buffers
+
+
+def test_growing_into_a_pool_keeps_its_captured_buffers():
+    """With CUDA graphs the buffers of each (batch, capacity) are a pool that a captured step has bound: a cache that
+    grows into a capacity whose pool exists is copied into those buffers, not into new ones."""
+    case = exported("llama", "preallocated")
+    batch = left_pad(random_sequences(2, seed=41, lo=4, hi=4))
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    mask2 = np.concatenate([mask, np.ones((2, 1), mask.dtype)], axis=1)
+    lm = OrtCausalLM(case.onnx_dir)
+    lm.cuda_graph = True  # buffers pooled and decode steps bound once, as on CUDAExecutionProvider
+    lm.generate(ids, mask, max_new_tokens=4)  # the pool of capacity 8 and its bound decode step
+    pooled = {i: (k.data_ptr(), v.data_ptr()) for i, (k, v) in lm._pools[(2, 8)].items()}
+    step = lm.forward(ids, mask, capacity=4)  # a pool of capacity 4, full after the prompt
+    token = step.logits[:, -1].argmax(-1)[:, None]
+    grown = lm.forward(token, mask2, cache=step.cache, last_only=True)  # grows to 2 x 4 = 8 slots
+    assert grown.cache.capacity == 8
+    assert {i: (k.data_ptr(), v.data_ptr()) for i, (k, v) in grown.cache.past.items()} == pooled
+    plain = OrtCausalLM(case.onnx_dir)
+    expected = plain.forward(token, mask2, cache=plain.forward(ids, mask, capacity=4).cache, last_only=True)
+    assert np.abs(grown.logits - expected.logits).max() <= 1e-5

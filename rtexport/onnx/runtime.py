@@ -198,9 +198,18 @@ class OrtCausalLM:
         buffers up front and never gets here)."""
         content = {i: (_host(k)[:, :, : cache.length], _host(v)[:, :, : cache.length]) for i, (k, v) in cache.past.items()}
         b = next(iter(content.values()))[0].shape[0] if content else 1
+        key = (b, capacity)
+        if self.cuda_graph and key in self._pools:
+            # that pool's buffers may already be bound in a captured step: write into them, never replace them
+            for i, pair in self._pools[key].items():
+                for value, old in zip(pair, content[i]):
+                    arr = np.zeros((b, self.num_kv_heads, capacity, self.head_dim), dtype=self.kv_dtype)
+                    arr[:, :, : old.shape[2]] = old
+                    value.update_inplace(arr)
+            return Cache(past=dict(self._pools[key]), length=cache.length, capacity=capacity)
         past = self._buffers(b, capacity, content)
         if self.cuda_graph:
-            self._pools[(b, capacity)] = dict(past)
+            self._pools[key] = dict(past)
         return Cache(past=past, length=cache.length, capacity=capacity)
 
     def run_flags(self, cache: Cache) -> dict[int, bool]:
