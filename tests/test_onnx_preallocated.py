@@ -20,7 +20,7 @@ from test_onnx_attention import host_to_device_values
 from test_onnx_export import ATOL, assert_padded_batches_match, max_diff_real, torch_step
 
 from rtexport.errors import DataError
-from rtexport.evaluation.parity import left_pad, torch_greedy, validate
+from rtexport.evaluation.parity import left_pad, parity_table, torch_greedy, validate
 from rtexport.onnx.export import export_onnx, load_export_info
 from rtexport.onnx.runtime import OrtCausalLM
 from rtexport.routing import RoutedModel
@@ -123,6 +123,8 @@ def test_validate_report_and_package_without_genai_config(tmp_path):
     batches = [left_pad(random_sequences(3, seed=s, lo=4, hi=9)) for s in (1, 2)]
     report = validate(case.model, case.onnx_dir, token_batches=batches, steps=8)  # it applies the plan itself
     assert report.passed, report.checks
+    assert report.details["kv_cache"] == "preallocated"
+    assert "preallocated KV cache" in parity_table(report).title
     out = package_ort_gpu(case.onnx_dir, tmp_path / "pkg", report)
     assert not (out / "genai_config.json").exists()
     readme = (out / "README.md").read_text()

@@ -112,7 +112,8 @@ def parity_table(report: ParityReport) -> Any:
     """A rich Table of the report's checks (rendering only; nothing is computed here)."""
     from rich.table import Table
 
-    table = Table(title=f"ONNX parity: {report.mode} graph, {report.dtype} ({', '.join(report.providers)})")
+    cache = ", preallocated KV cache" if report.details.get("kv_cache") == "preallocated" else ""
+    table = Table(title=f"ONNX parity: {report.mode} graph{cache}, {report.dtype} ({', '.join(report.providers)})")
     table.add_column("check")
     table.add_column("value", justify="right")
     table.add_column("tolerance", justify="right")
@@ -436,6 +437,6 @@ def validate(
         steps=steps,
         checks=checks,
         details={"perplexity_torch": ppl_t, "perplexity_onnx": ppl_o, "scored_tokens": nll_n, "batches": per_batch,
-                 "tolerances": tol},
+                 "tolerances": tol, "kv_cache": info.get("kv_cache", "growing")},
         seconds=round(time.perf_counter() - started, 2),
     )
