@@ -5,7 +5,8 @@
     python examples/python_api.py --model Qwen/Qwen2.5-0.5B --device cuda --output qwen-out
 
 Stages: load -> tune routers -> plan (Router-Tuning, and Attention-Drop for comparison) -> prune into a
-transformers folder -> export a static ONNX graph -> validate it against PyTorch. ``rtexport.tune_and_export`` runs
+transformers folder -> export a static ONNX graph -> validate it against PyTorch -> export the graph to deploy on a GPU
+(a preallocated KV cache, decode replayed as a CUDA graph) and generate with it. ``rtexport.tune_and_export`` runs
 the same stages (plus evaluation, benchmarks and the model card) in one call; see ``one_call`` at the bottom.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from rtexport import TuneSettings, export_onnx, load_model, load_pruned, make_plan, prune, tune, validate
 from rtexport.errors import RtexportError
+from rtexport.onnx import OrtCausalLM
 from rtexport.planning import resolve_skip_count
 from rtexport.routing.config import parse_layers
 
@@ -89,7 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     except RtexportError as e:  # ValidationFailed: the CLI exits with its exit code (3)
         print(e, file=sys.stderr)
         return e.exit_code
-    print(f"artifacts in {out}/: routers/, plans/, model/, onnx/static/")
+    # 7. The graph to deploy on a GPU: the same plan with a preallocated KV cache (buffers written in place), whose
+    #    decode step ONNX Runtime captures once as a CUDA graph and replays (on the CPU provider it runs plainly).
+    deploy = export_onnx(loaded, out / "onnx" / "static-preallocated", mode="static", plan=plan,
+                         dtype="float16" if args.device == "cuda" else "float32", kv_cache="preallocated")
+    lm = OrtCausalLM(deploy, cuda_graph=True)
+    ids = loaded.tokenizer(prompt, return_tensors="np")["input_ids"]
+    tokens = lm.generate(ids, max_new_tokens=12)[0]
+    print(f"onnx ({lm.session.get_providers()[0]}, CUDA graph {lm.cuda_graph}): "
+          f"{prompt}{loaded.tokenizer.decode(tokens, skip_special_tokens=True)!r}")
+    print(f"artifacts in {out}/: routers/, plans/, model/, onnx/static/, onnx/static-preallocated/")
     return 0
 
 
