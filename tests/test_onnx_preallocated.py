@@ -186,3 +186,26 @@ def test_growing_into_a_pool_keeps_its_captured_buffers():
     plain = OrtCausalLM(case.onnx_dir)
     expected = plain.forward(token, mask2, cache=plain.forward(ids, mask, capacity=4).cache, last_only=True)
     assert np.abs(grown.logits - expected.logits).max() <= 1e-5
+
+
+@pytest.mark.parametrize("attention", ["explicit", "fused"])
+def test_per_head_norms_and_explicit_attention_write_the_buffers_too(attention, tmp_path):
+    """Qwen3 (q/k norms per head: the SDPA path of fused attention) and explicit MatMul/Softmax attention write their
+    K/V into the buffers the same way: greedy tokens equal the growing graph's."""
+    from conftest import build_model, build_tokenizer
+
+    from rtexport.models.loading import wrap_model
+    from rtexport.planning import SkipPlan
+
+    model = build_model("qwen3", num_hidden_layers=4)
+    loaded = wrap_model(model, tokenizer=build_tokenizer(), model_id="tiny-qwen3")
+    plan = SkipPlan(base_model="tiny-qwen3", fingerprint=loaded.fingerprint, num_layers=4, target="attn",
+                    method="manual", skip=[1], candidates=[1])
+    batch = left_pad(random_sequences(3, seed=2, lo=3, hi=8))
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    tokens = {}
+    for kv_cache in ("growing", "preallocated"):
+        path = export_onnx(loaded, tmp_path / kv_cache, mode="static", plan=plan, attention=attention,
+                           kv_cache=kv_cache, save_tokenizer=False)
+        tokens[kv_cache] = OrtCausalLM(path).generate(ids, mask, max_new_tokens=10).tolist()
+    assert tokens["preallocated"] == tokens["growing"]
