@@ -47,6 +47,14 @@ def max_diff_real(a, b, mask):
     return float((torch.as_tensor(a).float() - b.float()).abs()[mask > 0].max())
 
 
+def continuation(seqs):
+    """A left-padded prompt of the three sequences and three more tokens each: ``(ids, mask, more, full_mask)``."""
+    batch = left_pad(seqs)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    more = torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(3))
+    return ids, mask, more, torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], dim=1)
+
+
 def assert_padded_batches_match(model, ort_model, seqs):
     """Prefill logits over real tokens: one sequence, three left-padded, three right-padded."""
     for batch in (left_pad(seqs[:1]), left_pad(seqs[1:4]), right_pad(seqs[1:4])):
@@ -161,10 +169,7 @@ def test_static_parity_padding_and_cache(arch):
     with reference(case) as model:
         assert_padded_batches_match(model, ort_model, seqs)
         # past > 0: a left-padded prefill, then three more tokens through the cache
-        batch = left_pad(seqs[1:4])
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        more = torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(3))
-        full_mask = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], dim=1)
+        ids, mask, more, full_mask = continuation(seqs[1:4])
         _, cache = torch_step(model, ids, mask)
         ref, _ = torch_step(model, more, full_mask, cache)
         step = ort_model.forward(ids.numpy(), mask.numpy())

@@ -17,7 +17,7 @@ import pytest
 import torch
 from onnx_cases import STATIC_SKIP, exported, random_sequences, reference
 from test_onnx_attention import host_to_device_values
-from test_onnx_export import ATOL, assert_padded_batches_match, max_diff_real, torch_step
+from test_onnx_export import ATOL, assert_padded_batches_match, continuation, max_diff_real, torch_step
 
 from rtexport.errors import DataError
 from rtexport.evaluation.parity import left_pad, parity_table, torch_greedy, validate
@@ -58,10 +58,7 @@ def test_parity_padding_and_cache_written_in_place(arch):
     with reference(case) as model:
         assert_padded_batches_match(model, lm, seqs)
         # past > 0: a left-padded prefill into 16-slot buffers, then three tokens at once, then one
-        batch = left_pad(seqs[1:4])
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        more = torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(3))
-        mask2 = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], dim=1)
+        ids, mask, more, mask2 = continuation(seqs[1:4])
         last = torch.randint(0, 256, (3, 1), generator=torch.Generator().manual_seed(4))
         mask3 = torch.cat([mask2, torch.ones(3, 1, dtype=torch.long)], dim=1)
         _, cache = torch_step(model, ids, mask)

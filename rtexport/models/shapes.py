@@ -37,20 +37,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     # measurements where an 8B run does not fit the time
     "llama3.2-1b": {**_LLAMA3_8B, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16},
     # SmolLM2-135M's architecture (the embedded default's), for GPU runs of the whole job in seconds
-    "smollm2-135m": dict(
-        model_type="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        attention_bias=False,
-    ),
+    "smollm2-135m": {**_LLAMA3_8B, "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "rope_theta": 100000.0, "tie_word_embeddings": True},
     # CPU dry runs of the ONNX GPU benchmark's two phases (examples/benchmarks/ort_gpu_speed.py): every vector over
     # 1 KiB, so every weight goes to the weights file (smaller tensors stay inside model.onnx with the exporting
     # machine's values, and graph_weights.fill refuses them)
@@ -58,17 +47,10 @@ SHAPES: dict[str, dict[str, Any]] = {
                      "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
                      "max_position_embeddings": 2048},
     # a few-kB model of the same family, for tests and smoke runs of the measurement scripts
-    "llama-tiny": dict(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    ),
+    # (rope_theta and rms_norm_eps: transformers' LlamaConfig defaults, which this shape has always had)
+    "llama-tiny": {**_LLAMA3_8B, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                   "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "max_position_embeddings": 256, "rope_theta": 10000.0, "rms_norm_eps": 1e-6},
 }
 
 

@@ -118,28 +118,24 @@ def _dynamic_shapes(spec: GraphSpec, kv_cache: str = "growing") -> tuple[Any, ..
 
 
 def _dim_names(spec: GraphSpec, kv_cache: str = "growing") -> dict[str, list[str | None]]:
-    """Readable names for the symbolic dimensions of every graph input and output (None: a fixed size)."""
-    if kv_cache == "preallocated":
-        names = {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "cache_length"],
-                 "position_ids": ["batch_size", "sequence_length"], "cache_position": ["sequence_length"],
-                 "logits": ["batch_size", "sequence_length", None], "last_logits": ["batch_size", None],
-                 "next_token": ["batch_size", None]}
-        for i in spec.kv_layers:
-            for kind in ("key", "value"):
-                names[f"past_key_values.{i}.{kind}"] = ["batch_size", None, "cache_length", None]
-                names[f"present.{i}.{kind}"] = ["batch_size", None, "cache_length", None]
-        return names
+    """Readable names for the symbolic dimensions of every graph input and output (None: a fixed size). A
+    preallocated cache's mask, pasts and presents all span the buffer (``cache_length``)."""
+    preallocated = kv_cache == "preallocated"
     names: dict[str, list[str | None]] = {
         "input_ids": ["batch_size", "sequence_length"],
-        "attention_mask": ["batch_size", "total_sequence_length"],
+        "attention_mask": ["batch_size", "cache_length" if preallocated else "total_sequence_length"],
         "position_ids": ["batch_size", "sequence_length"],
         "logits": ["batch_size", "sequence_length", None],
         "last_logits": ["batch_size", None],
         "next_token": ["batch_size", None],
     }
+    if preallocated:
+        names["cache_position"] = ["sequence_length"]
     for i in spec.kv_layers:
         past = f"past_sequence_length_{i}" if spec.routes_attention(i) else "past_sequence_length"
         present = f"present_sequence_length_{i}" if spec.routes_attention(i) else "total_sequence_length"
+        if preallocated:
+            past = present = "cache_length"
         for kind in ("key", "value"):
             names[f"past_key_values.{i}.{kind}"] = ["batch_size", None, past, None]
             names[f"present.{i}.{kind}"] = ["batch_size", None, present, None]

@@ -177,21 +177,20 @@ class OrtCausalLM:
             return Cache(past=dict(self._pools[key]), length=0, capacity=capacity)
         return Cache(past=self._buffers(batch, capacity), length=0, capacity=capacity)
 
+    def _buffer(self, batch: int, capacity: int, content: np.ndarray | None = None) -> np.ndarray:
+        """One K or V buffer on the host: zeros, with ``content``'s slots first."""
+        arr = np.zeros((batch, self.num_kv_heads, capacity, self.head_dim), dtype=self.kv_dtype)
+        if content is not None:
+            arr[:, :, : content.shape[2]] = content
+        return arr
+
     def _buffers(self, batch: int, capacity: int, content: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
                  ) -> dict[int, tuple[Any, Any]]:
-        shape = (batch, self.num_kv_heads, capacity, self.head_dim)
-        out = {}
-        for i in self.kv_layers:
-            pair = []
-            for j in range(2):
-                arr = np.zeros(shape, dtype=self.kv_dtype)
-                if content is not None:
-                    old = content[i][j]
-                    arr[:, :, : old.shape[2]] = old
-                # its own OrtValue per buffer (on the CPU it wraps this array, which the graph then writes)
-                pair.append(self._ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, 0))
-            out[i] = (pair[0], pair[1])
-        return out
+        # its own OrtValue per buffer (on the CPU it wraps its array, which the graph then writes)
+        return {i: tuple(self._ort.OrtValue.ortvalue_from_numpy(
+                    self._buffer(batch, capacity, None if content is None else content[i][j]), self.device_type, 0)
+                    for j in range(2))
+                for i in self.kv_layers}
 
     def _grow(self, cache: Cache, capacity: int) -> Cache:
         """The same cache in buffers of ``capacity`` slots (copied through the host: a generate loop sizes its
@@ -203,9 +202,7 @@ class OrtCausalLM:
             # that pool's buffers may already be bound in a captured step: write into them, never replace them
             for i, pair in self._pools[key].items():
                 for value, old in zip(pair, content[i]):
-                    arr = np.zeros((b, self.num_kv_heads, capacity, self.head_dim), dtype=self.kv_dtype)
-                    arr[:, :, : old.shape[2]] = old
-                    value.update_inplace(arr)
+                    value.update_inplace(self._buffer(b, capacity, old))
             return Cache(past=dict(self._pools[key]), length=cache.length, capacity=capacity)
         past = self._buffers(b, capacity, content)
         if self.cuda_graph:
@@ -319,7 +316,7 @@ class OrtCausalLM:
                               capacity: int | None, greedy: bool = False) -> StepOutput:
         b, t = input_ids.shape
         if cache is None:
-            cache = self.empty_cache(b, max(int(capacity or 0), t + self.reserve if capacity is None else t))
+            cache = self.empty_cache(b, t + self.reserve if capacity is None else max(int(capacity), t))
         total = cache.length + t
         if total > cache.capacity:
             cache = self._grow(cache, max(total, 2 * cache.capacity))
@@ -340,20 +337,15 @@ class OrtCausalLM:
                 self._graphs[key] = _GraphStep(self, cache, len(self._graphs))
             logits_value = self._graphs[key].run(feeds, fetched)
         else:
-            binding = self.session.io_binding()
-            for name, value in feeds.items():
-                binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(value, self.device_type, 0))
+            buffers = {}
             for i, (k, v) in cache.past.items():
-                for kind, value in (("key", k), ("value", v)):
-                    binding.bind_ortvalue_input(f"past_key_values.{i}.{kind}", value)
-                    binding.bind_ortvalue_output(f"present.{i}.{kind}", value)  # the write lands in the buffer
-            binding.bind_output(fetched, self.device_type, 0)
+                feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
+                buffers[f"present.{i}.key"], buffers[f"present.{i}.value"] = k, v  # the write lands in the buffer
             options = None
             if self.cuda_graph:  # prefill (or any multi-token step): outside the captured decode graph
                 options = self._ort.RunOptions()
                 options.add_run_config_entry("gpu_graph_id", "-1")
-            self.session.run_with_iobinding(binding, options)
-            logits_value = binding.get_outputs()[-1]  # bound last, after the presents
+            logits_value = self._run_io_binding(feeds, {}, [fetched], buffers, options)[fetched]
         logits, next_token = self._read(fetched, logits_value, last_only, greedy)
         return StepOutput(logits=logits, cache=Cache(past=cache.past, length=total, capacity=cache.capacity),
                           next_token=next_token)
@@ -362,7 +354,10 @@ class OrtCausalLM:
         values = self.session.run(wanted, {**feeds, **host})
         return dict(zip(wanted, values))
 
-    def _run_io_binding(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
+    def _run_io_binding(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str],
+                        buffers: dict[str, Any] | None = None, options: Any = None) -> dict[str, Any]:
+        """Run with IO binding: ``feeds`` on the device, ``host`` inputs in host memory, ``wanted`` outputs left
+        where ONNX Runtime puts them, ``buffers`` outputs written into the given OrtValues (not returned)."""
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
@@ -370,10 +365,12 @@ class OrtCausalLM:
             binding.bind_ortvalue_input(name, value)
         for name, value in host.items():
             binding.bind_cpu_input(name, value)  # the If conditions: host memory, as ORT's CUDA If reads them
+        for name, value in (buffers or {}).items():
+            binding.bind_ortvalue_output(name, value)
         for name in wanted:  # outputs not bound (the full logits in a generate loop) never leave the device
             binding.bind_output(name, self.device_type, 0)
-        self.session.run_with_iobinding(binding)
-        return dict(zip(wanted, binding.get_outputs()))
+        self.session.run_with_iobinding(binding, options)
+        return dict(zip(wanted, binding.get_outputs()[len(buffers or {}):]))
 
     # ---- generation --------------------------------------------------------------------------------------------
     def generate(
