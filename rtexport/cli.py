@@ -165,6 +165,7 @@ def export_onnx(
     opset: int = typer.Option(23, help="ONNX opset (23+ gives one fused Attention node per layer)."),
     attention: str = typer.Option("auto", help="auto (fused at opset >= 23), fused (ONNX Attention) or explicit (MatMul/Softmax)."),
     kv_cache: str = typer.Option("growing", help="growing (past + new K/V out) or preallocated (static mode: one buffer per K/V written in place; ONNX Runtime can replay its decode step as a CUDA graph)."),
+    logits: str = typer.Option("all", help="all (logits for every token, what ORT GenAI reads) or selected (a logits_positions input names the positions to score: a prefill runs the LM head on the last token only)."),
     fmt: str = typer.Option("graph", "--format", help="graph (model.onnx + data) or ort-gpu (a validated runnable package)."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance for --format ort-gpu (default per dtype)."),
     revision: Optional[str] = typer.Option(None),
@@ -189,7 +190,7 @@ def export_onnx(
         routed = load_tuned(loaded, routers)
     graph_dir = output if fmt == "graph" else Path(tempfile.mkdtemp(prefix=".rtexport-onnx-", dir=output.parent if output.parent.exists() else None))
     path = run_export(loaded, graph_dir, mode=mode, plan=plan, routed=routed, dtype=onnx_dtype, opset=opset,
-                      attention=attention, kv_cache=kv_cache)
+                      attention=attention, kv_cache=kv_cache, logits=logits)
     Console().print(f"{mode} graph -> {path}")
     if fmt == "ort-gpu":
         import shutil
@@ -305,6 +306,7 @@ def tune_and_export_cmd(
     opset: int = typer.Option(23, help="ONNX opset (23+ gives one fused Attention node per layer)."),
     attention: str = typer.Option("auto", help="ONNX attention: auto (fused at opset >= 23), fused or explicit."),
     kv_cache: str = typer.Option("growing", help="The static graph's KV cache: growing, or preallocated (buffers written in place; CUDA-graph decode under ONNX Runtime)."),
+    logits: str = typer.Option("all", help="ONNX logits: all (every token; ORT GenAI reads these) or selected (a logits_positions input: a prefill scores the last token only)."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance (default per dtype)."),
     bench: bool = typer.Option(True, "--bench/--no-bench"),
     push_to_hub: Optional[str] = typer.Option(None, help="Hub repo id to upload the result to."),
@@ -322,7 +324,7 @@ def tune_and_export_cmd(
     settings = PipelineSettings(
         model=model, output=str(output), target=target, skip_ratio=skip_ratio, format=fmt, layers=layers, data=data,
         seq_len=seq_len, max_samples=max_samples, batch_size=batch_size, steps=steps, lr=lr, objective=objective, repeat_fraction=repeat_fraction, eval_tasks=eval_tasks,
-        eval_limit=eval_limit, onnx_dtype=onnx_dtype, opset=opset, attention=attention, kv_cache=kv_cache, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
+        eval_limit=eval_limit, onnx_dtype=onnx_dtype, opset=opset, attention=attention, kv_cache=kv_cache, logits=logits, atol=atol, bench=bench, push_to_hub=push_to_hub, private=private,
         dry_run=dry_run, force=force, revision=revision, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, command="rtexport " + " ".join(sys.argv[1:]),
     )

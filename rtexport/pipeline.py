@@ -59,6 +59,7 @@ class PipelineSettings:
     opset: int = 23
     attention: str = "auto"
     kv_cache: str = "growing"  # the static graph's KV cache: growing, or preallocated (CUDA-graph decode)
+    logits: str = "all"  # the graphs' logits: all (every token, GenAI's layout) or selected (logits_positions input)
     atol: float | None = None
     validate_steps: int = 16
     # evaluation
@@ -89,8 +90,10 @@ class PipelineSettings:
             if int(self.opset) not in OPSETS:
                 raise DataError(f"--opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {self.opset}")
             resolve_attention(self.attention, int(self.opset))
-            from .onnx.graph_model import KV_CACHES, PREALLOCATED_OPSET
+            from .onnx.graph_model import KV_CACHES, LOGITS, PREALLOCATED_OPSET
 
+            if self.logits not in LOGITS:
+                raise DataError(f"--logits must be one of {', '.join(LOGITS)}, got {self.logits!r}")
             if self.kv_cache not in KV_CACHES:
                 raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
             if self.kv_cache == "preallocated" and int(self.opset) < PREALLOCATED_OPSET - 1:
@@ -295,7 +298,7 @@ class Pipeline:
         from .onnx.export import export_onnx, load_export_info
         from .tuning.trainer import load_tuned
 
-        key = _hash(plan_key, self.s.key("onnx_modes", "onnx_dtype", "opset", "attention", "kv_cache"))
+        key = _hash(plan_key, self.s.key("onnx_modes", "onnx_dtype", "opset", "attention", "kv_cache", "logits"))
 
         def run() -> dict[str, Any]:
             results: dict[str, Any] = {}
@@ -304,12 +307,12 @@ class Pipeline:
                 target = self.path("onnx-build", mode)
                 if mode == "static":
                     path = export_onnx(self.loaded, target, mode="static", plan=plan, dtype=self._onnx_dtype(), opset=self.s.opset,
-                                       attention=self.s.attention, kv_cache=self.s.kv_cache)
+                                       attention=self.s.attention, kv_cache=self.s.kv_cache, logits=self.s.logits)
                 else:
                     routed = load_tuned(self.loaded, self.path("routers"))
                     try:
                         path = export_onnx(self.loaded, target, mode="gated", routed=routed, dtype=self._onnx_dtype(), opset=self.s.opset,
-                                           attention=self.s.attention)
+                                           attention=self.s.attention, logits=self.s.logits)
                     finally:
                         routed.unwrap()
                 results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset,

@@ -54,19 +54,22 @@ def randomise_routers(routed: RoutedModel, seed: int = 1) -> None:
 
 
 @functools.cache
-def exported(arch: str, mode: str) -> Case:
+def exported(arch: str, mode: str, logits: str = "all") -> Case:
+    """``mode``: static, gated, preallocated (the static graph with a preallocated KV cache) or gqa (that cache
+    written by ONNX Runtime's GroupQueryAttention; needs ``logits="selected"``); ``logits``: all, or selected (the
+    graph takes ``logits_positions``). The same random model for every mode of ``arch``."""
     model = build_model(arch, num_hidden_layers=NUM_LAYERS)
     loaded = wrap_model(model, tokenizer=build_tokenizer(), model_id=f"tiny-{arch}")
-    out = _root() / f"{arch}-{mode}"
-    if mode in ("static", "preallocated"):  # "preallocated": the static graph with a preallocated KV cache
+    out = _root() / f"{arch}-{mode}-{logits}"
+    if mode in ("static", "preallocated", "gqa"):
         plan = SkipPlan(base_model=f"tiny-{arch}", fingerprint=loaded.fingerprint, num_layers=NUM_LAYERS,
                         target="attn", method="manual", skip=STATIC_SKIP, candidates=STATIC_SKIP)
-        export_onnx(loaded, out, mode="static", plan=plan,
-                    kv_cache="preallocated" if mode == "preallocated" else "growing")
+        export_onnx(loaded, out, mode="static", plan=plan, attention="gqa" if mode == "gqa" else "auto",
+                    kv_cache="growing" if mode == "static" else "preallocated", logits=logits)
         return Case(arch, mode, model, loaded, out, plan=plan)
     routed = RoutedModel.from_model(model, layers=ROUTED_LAYERS)
     randomise_routers(routed)
-    export_onnx(loaded, out, mode="gated", routed=routed)
+    export_onnx(loaded, out, mode="gated", routed=routed, logits=logits)
     return Case(arch, mode, model, loaded, out, routed=routed)
 
 
@@ -88,3 +91,13 @@ def random_sequences(n: int, seed: int, lo: int = 3, hi: int = 9) -> list[list[i
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 256, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
             for _ in range(n)]
+
+
+def right_pad(seqs, pad_id=0):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}

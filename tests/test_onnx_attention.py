@@ -30,7 +30,8 @@ ATOL = 1e-4
 # inputs that ONNX Runtime's CUDA kernels read in host memory, and ops whose outputs it leaves in host memory
 HOST_INPUTS = {"Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Unsqueeze": {1}, "Squeeze": {1},
                "ConstantOfShape": {0}, "Range": {0, 1, 2}, "If": {0}, "Tile": {1}, "ReduceSum": {1},
-               "ReduceMean": {1}, "ReduceMax": {1}, "Split": {1}, "TopK": {1}, "Pad": {1, 2}}
+               "ReduceMean": {1}, "ReduceMax": {1}, "Split": {1}, "TopK": {1}, "Pad": {1, 2},
+               "GroupQueryAttention": {6}}  # its total_sequence_length
 HOST_OUTPUTS = {"Shape", "Size"}
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 from conftest import build_model
-from onnx_cases import NUM_LAYERS, ROUTED_LAYERS, STATIC_SKIP, exported, random_sequences, reference
+from onnx_cases import NUM_LAYERS, ROUTED_LAYERS, STATIC_SKIP, exported, random_sequences, reference, right_pad
 
 from rtexport.errors import ArtifactMismatch, DataError
 from rtexport.evaluation.parity import _cache_kwarg, _returned_cache, left_pad, positions, torch_greedy
@@ -31,16 +31,6 @@ def torch_step(model, ids, mask, cache=None):
     kwargs = {_cache_kwarg(model): cache} if cache is not None else {}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs)
     return out.logits.float(), _returned_cache(out)
-
-
-def right_pad(seqs, pad_id=0):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask}
 
 
 def max_diff_real(a, b, mask):

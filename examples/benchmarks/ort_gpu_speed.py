@@ -225,17 +225,20 @@ def export_phase(args) -> None:
             folder = Path(work) / mode
             if mode == "gated":
                 export_onnx(loaded, folder, mode="gated", routed=routed, dtype="float16", opset=opset,
-                            attention=args.attention, prefill_select=args.prefill_select)
+                            attention=args.attention, prefill_select=args.prefill_select, logits=args.logits)
                 routed.unwrap()
+            elif mode == "gqa":  # the preallocated cache written by ORT's GroupQueryAttention (selected logits)
+                export_onnx(loaded, folder, mode="static", plan=plan, dtype="float16", opset=opset,
+                            attention="gqa", kv_cache="preallocated", logits="selected")
             else:  # "static", or "preallocated": the static graph with a preallocated KV cache
                 export_onnx(loaded, folder, mode="static", plan=plan, dtype="float16", opset=opset,
                             attention=args.attention,
-                            kv_cache="preallocated" if mode == "preallocated" else "growing")
+                            kv_cache="preallocated" if mode == "preallocated" else "growing", logits=args.logits)
             seconds[mode] = round(time.perf_counter() - t, 1)
             strip(folder, out / mode)
         print(mode, "exported in", seconds[mode], "s", flush=True)
     record = {"shape": args.shape, "skip": plan.skip, "candidates": plan.candidates, "attention": args.attention,
-              "prefill_select": args.prefill_select,
+              "prefill_select": args.prefill_select, "logits": args.logits,
               "opset": opset, "torch": torch.__version__, "export_seconds": seconds}
     (out / "bench.json").write_text(json.dumps(record, indent=1))
 
@@ -436,6 +439,9 @@ def main() -> None:
     ex.add_argument("--prefill-select", choices=("cond", "logical"), default=None,
                     help="the gated graph's layout (rtexport.onnx.graph_model.PREFILL_SELECTS; default: this torch's)")
     ex.add_argument("--modes", default="gated,static", help="which graphs to export (comma-separated)")
+    ex.add_argument("--logits", choices=("all", "selected"), default="selected",
+                    help="selected (default): the LM head runs on the positions asked for (the last one in these "
+                         "loops), as PyTorch's logits_to_keep=1 does; all: on every prompt token")
     ex.add_argument("--out", required=True)
     be = sub.add_parser("bench", help="write the graphs' weights from a model built here and measure")
     be.add_argument("--graphs", required=True, help="the export phase's --out folder")

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ArtifactMismatch, DataError
 from ..fsutil import atomic_directory, file_sha256, read_artifact, write_json_atomic
-from .graph_model import (ATTENTION_KINDS, EXPORT_DOMAIN, KV_CACHES, MODES, PREALLOCATED_OPSET, DecoderGraph,
+from .graph_model import (ATTENTION_KINDS, EXPORT_DOMAIN, KV_CACHES, LOGITS, MODES, PREALLOCATED_OPSET, DecoderGraph,
                           GraphSpec, build_spec)
 
 GRAPH_NAME = "model.onnx"
@@ -67,13 +67,21 @@ def _example_inputs(graph: DecoderGraph, device: torch.device, dtype: torch.dtyp
     for i in spec.kv_layers:
         shape = (b, graph.num_kv_heads, cache_len, graph.head_dim)
         past += [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
-    if graph.kv_cache == "preallocated":
-        return (ids, mask, pos, past, None, None, torch.arange(p, p + t, device=device))
-    if spec.mode == "static":
-        return (ids, mask, pos, past)
-    decisions = torch.ones(b, len(spec.routed_layers), dtype=torch.bool, device=device)
-    run = [torch.tensor(True, device=device) for _ in spec.routed_layers]
-    return (ids, mask, pos, past, decisions, run)
+    # selected logits: 4 positions of the 3 tokens (a length no other dimension has; repeats are allowed)
+    selected = torch.tensor([[2, 0, 1, 2]], device=device).expand(b, 4).contiguous()
+    if graph.attention == "gqa":
+        # GroupQueryAttention: a mask of 7 slots (a width no other dimension has), no cache_position
+        mask = torch.ones(b, 7, dtype=torch.int64, device=device)
+        example: tuple[Any, ...] = (ids, mask, pos, past, None, None, None)
+    elif graph.kv_cache == "preallocated":
+        example = (ids, mask, pos, past, None, None, torch.arange(p, p + t, device=device))
+    elif spec.mode == "static":
+        example = (ids, mask, pos, past, None, None, None)
+    else:
+        decisions = torch.ones(b, len(spec.routed_layers), dtype=torch.bool, device=device)
+        run = [torch.tensor(True, device=device) for _ in spec.routed_layers]
+        example = (ids, mask, pos, past, decisions, run, None)
+    return example + ((selected,) if graph.logits == "selected" else (None,))
 
 
 @contextlib.contextmanager
@@ -96,15 +104,22 @@ def prefill_select_for_this_torch() -> str:
     return "cond" if (major, minor) >= (2, 13) else "logical"
 
 
-def _dynamic_shapes(spec: GraphSpec, kv_cache: str = "growing") -> tuple[Any, ...]:
+def _dynamic_shapes(spec: GraphSpec, kv_cache: str = "growing", logits: str = "all",
+                    attention: str = "fused") -> tuple[Any, ...]:
     from torch.export import Dim
 
     batch, seq = Dim("batch_size"), Dim("sequence_length")
+    selected = {0: batch, 1: Dim("logits_length")} if logits == "selected" else None
+    if attention == "gqa":
+        # the mask has its own width (the prompt's length at prefill, the buffers' at decode)
+        cache, total = Dim("cache_length"), Dim("total_sequence_length")
+        kv = [{0: batch, 2: cache} for _ in range(2 * len(spec.kv_layers))]
+        return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv, None, None, None, selected)
     if kv_cache == "preallocated":
         # the mask and every buffer share the cache's length; cache_position is as long as the new tokens
         cache = Dim("cache_length")
         kv = [{0: batch, 2: cache} for _ in range(2 * len(spec.kv_layers))]
-        return ({0: batch, 1: seq}, {0: batch, 1: cache}, {0: batch, 1: seq}, kv, None, None, {0: seq})
+        return ({0: batch, 1: seq}, {0: batch, 1: cache}, {0: batch, 1: seq}, kv, None, None, {0: seq}, selected)
     total, past = Dim("total_sequence_length"), Dim("past_sequence_length")
     # one past length for every layer, routed or not: a routed layer's sub-block runs only with the whole cache (the
     # decisions are fixed at prefill). A layer no sequence runs is fed an empty cache, which only its skip branch
@@ -114,22 +129,29 @@ def _dynamic_shapes(spec: GraphSpec, kv_cache: str = "growing") -> tuple[Any, ..
     shapes: tuple[Any, ...] = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv)
     if spec.mode == "gated":
         shapes += ({0: batch}, [None for _ in spec.routed_layers])
-    return shapes
+    else:
+        shapes += (None, None)
+    return shapes + (None, selected)
 
 
-def _dim_names(spec: GraphSpec, kv_cache: str = "growing") -> dict[str, list[str | None]]:
+def _dim_names(spec: GraphSpec, kv_cache: str = "growing", logits: str = "all",
+               attention: str = "fused") -> dict[str, list[str | None]]:
     """Readable names for the symbolic dimensions of every graph input and output (None: a fixed size). A
-    preallocated cache's mask, pasts and presents all span the buffer (``cache_length``)."""
+    preallocated cache's mask, pasts and presents all span the buffer (``cache_length``); selected logits are as
+    many as their positions (``logits_length``)."""
     preallocated = kv_cache == "preallocated"
+    scored = "logits_length" if logits == "selected" else "sequence_length"
     names: dict[str, list[str | None]] = {
         "input_ids": ["batch_size", "sequence_length"],
-        "attention_mask": ["batch_size", "cache_length" if preallocated else "total_sequence_length"],
+        "attention_mask": ["batch_size", "cache_length" if preallocated and attention != "gqa"
+                           else "total_sequence_length"],
         "position_ids": ["batch_size", "sequence_length"],
-        "logits": ["batch_size", "sequence_length", None],
+        "logits_positions": ["batch_size", "logits_length"],
+        "logits": ["batch_size", scored, None],
         "last_logits": ["batch_size", None],
         "next_token": ["batch_size", None],
     }
-    if preallocated:
+    if preallocated and attention != "gqa":
         names["cache_position"] = ["sequence_length"]
     for i in spec.kv_layers:
         past = f"past_sequence_length_{i}" if spec.routes_attention(i) else "past_sequence_length"
@@ -145,15 +167,16 @@ def _dim_names(spec: GraphSpec, kv_cache: str = "growing") -> dict[str, list[str
     return names
 
 
-def _finish_graph(path: Path, spec: GraphSpec, metadata: dict[str, str], kv_cache: str = "growing") -> None:
+def _finish_graph(path: Path, spec: GraphSpec, metadata: dict[str, str], kv_cache: str = "growing",
+                  logits: str = "all", attention: str = "fused") -> None:
     """Name the symbolic dimensions of inputs and outputs and add metadata; the weights file is not touched.
     A preallocated cache's graph gets its ``TensorScatter`` nodes in the ONNX domain, at opset 24."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    if kv_cache == "preallocated":
+    if kv_cache == "preallocated" and attention != "gqa":
         _declare_tensor_scatter(model)
-    names = _dim_names(spec, kv_cache)
+    names = _dim_names(spec, kv_cache, logits, attention)
     for value in list(model.graph.input) + list(model.graph.output):
         wanted = names.get(value.name)
         if wanted is None:
@@ -305,6 +328,8 @@ def resolve_attention(attention: str, opset: int) -> str:
         raise DataError(f"attention must be auto, {', '.join(ATTENTION_KINDS)}; got {attention!r}")
     if attention == "fused" and opset < FUSED_ATTENTION_OPSET:
         raise DataError(f"fused attention needs opset {FUSED_ATTENTION_OPSET} or later (ONNX Attention), got {opset}")
+    if attention == "gqa" and opset < FUSED_ATTENTION_OPSET:
+        raise DataError(f"gqa attention needs opset {FUSED_ATTENTION_OPSET} or later (ONNX RotaryEmbedding), got {opset}")
     return attention
 
 
@@ -319,6 +344,7 @@ def build_graph_module(
     attention: str = "auto",
     prefill_select: str | None = None,
     kv_cache: str = "growing",
+    logits: str = "all",
 ) -> DecoderGraph:
     """The ``DecoderGraph`` (the module torch.onnx traces) that :func:`export_onnx` exports for these arguments,
     after the same checks. Also what a caller needs to re-create an export's weights on another machine."""
@@ -328,6 +354,8 @@ def build_graph_module(
         raise DataError(f"opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
     if kv_cache not in KV_CACHES:
         raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    if logits not in LOGITS:
+        raise DataError(f"--logits must be one of {', '.join(LOGITS)}, got {logits!r}")
     if kv_cache == "preallocated":
         if mode != "static":
             raise DataError("--kv-cache preallocated is for static graphs (a gated graph drops the cache of layers "
@@ -336,6 +364,13 @@ def build_graph_module(
             raise DataError(f"--kv-cache preallocated makes an opset-{PREALLOCATED_OPSET} graph (ONNX TensorScatter); "
                             f"give --opset {PREALLOCATED_OPSET - 1} or {PREALLOCATED_OPSET}, not {opset}")
     attention = resolve_attention(attention, int(opset))
+    if attention == "gqa":
+        if kv_cache != "preallocated":
+            raise DataError("--attention gqa (ONNX Runtime's GroupQueryAttention) writes a preallocated cache: add "
+                            "--kv-cache preallocated")
+        if logits != "selected":
+            raise DataError("--attention gqa packs each sequence from slot 0, so a batch's last tokens sit at "
+                            "different positions: add --logits selected")
     _, torch_dtype = _canonical_dtype(dtype)
     model = loaded.model
     config = model.config
@@ -379,7 +414,8 @@ def build_graph_module(
     )
     with torch.no_grad():
         return DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention,
-                            prefill_select=prefill_select or prefill_select_for_this_torch(), kv_cache=kv_cache)
+                            prefill_select=prefill_select or prefill_select_for_this_torch(), kv_cache=kv_cache,
+                            logits=logits)
 
 
 def export_onnx(
@@ -395,6 +431,7 @@ def export_onnx(
     attention: str = "auto",
     prefill_select: str | None = None,
     kv_cache: str = "growing",
+    logits: str = "all",
 ) -> Path:
     """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
 
@@ -411,13 +448,16 @@ def export_onnx(
     K and V written in place, fixed shapes at every decode step, so ONNX Runtime can replay it as a CUDA graph).
     ``opset``: default 23. A preallocated cache's graph is traced at opset 23 and declares 24 (its ``TensorScatter``
     nodes; nothing else in it differs between the two).
+    ``logits``: ``"all"`` (``logits`` for every new token, what ORT GenAI reads) or ``"selected"`` (a
+    ``logits_positions`` input names the positions to score: a generate loop asks for the last one, so a prefill
+    does not run the LM head over the whole prompt).
     """
     started = time.perf_counter()
     if opset is None:
         opset = DEFAULT_OPSET
     dtype_name, torch_dtype = _canonical_dtype(dtype)
     graph = build_graph_module(loaded, mode=mode, plan=plan, routed=routed, dtype=dtype, opset=opset,
-                               attention=attention, prefill_select=prefill_select, kv_cache=kv_cache)
+                               attention=attention, prefill_select=prefill_select, kv_cache=kv_cache, logits=logits)
     spec, attention, prefill_select = graph.spec, graph.attention, graph.prefill_select
     output_dir = Path(output_dir)
     with torch.no_grad():
@@ -430,7 +470,7 @@ def export_onnx(
             # torch.export first: handing the ExportedProgram to torch.onnx keeps it from renaming dynamic axes
             # itself (it pairs them with inputs by position, which breaks on the scalar run_layer inputs); the
             # axes get their names in _finish_graph
-            exported = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec, kv_cache),
+            exported = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec, kv_cache, logits, attention),
                                           strict=False)
             program = torch.onnx.export(
                 exported,
@@ -456,7 +496,8 @@ def export_onnx(
                                              # layers whose attention sits in an If: their cache is dropped
                                              # while no sequence runs them (read by runtime.OrtCausalLM)
                                              "rtexport.gated_kv_layers": ",".join(map(str, gated_kv)),
-                                             "rtexport.kv_cache": kv_cache}, kv_cache)
+                                             "rtexport.kv_cache": kv_cache,
+                                             "rtexport.logits": logits}, kv_cache, logits, attention)
             check_graph(graph_path)
             if mode == "gated":
                 _check_gated_layout(graph_path, spec, prefill_select)
@@ -470,17 +511,23 @@ def export_onnx(
                         f"attention layers (torch {torch.__version__} did not translate scaled_dot_product_attention); "
                         "export with attention='explicit'"
                     )
-            if kv_cache == "preallocated":
+            if attention == "gqa":
+                gqa = _count_ops(graph_path, "GroupQueryAttention")
+                if gqa != len(spec.attention_layers) or _count_ops(graph_path, "Attention"):
+                    raise ArtifactMismatch(f"the exported graph holds {gqa} GroupQueryAttention nodes for "
+                                           f"{len(spec.attention_layers)} attention layers")
+            if graph.writes_at_cache_position:
                 writes = _count_ops(graph_path, "TensorScatter")
                 if writes != 2 * len(spec.kv_layers):
                     raise ArtifactMismatch(f"the exported graph writes its KV buffers with {writes} TensorScatter "
                                            f"nodes, not 2 per attention layer ({len(spec.kv_layers)} layers)")
             if save_tokenizer and loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(str(staging))
-            final_opset = PREALLOCATED_OPSET if kv_cache == "preallocated" else int(opset)
+            final_opset = PREALLOCATED_OPSET if graph.writes_at_cache_position else int(opset)
             info = export_info(loaded, spec, graph, dtype_name, final_opset, plan, routed, staging)
             info["attention"] = attention
             info["kv_cache"] = kv_cache
+            info["logits"] = logits
             info["export_seconds"] = round(time.perf_counter() - started, 1)
             write_json_atomic(staging / INFO_NAME, info)
             make_readable(staging)

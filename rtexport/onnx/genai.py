@@ -30,6 +30,9 @@ def genai_config(info: dict[str, Any], *, provider: str = "cuda", max_length: in
     if info.get("kv_cache", "growing") != "growing":
         raise ArtifactMismatch("ONNX Runtime GenAI does not feed a preallocated cache's cache_position input; "
                                "write a GenAI config for graphs with a growing cache only")
+    if info.get("logits", "all") != "all":
+        raise ArtifactMismatch("ONNX Runtime GenAI does not feed a logits_positions input; write a GenAI config for "
+                               "graphs exported with logits for every token only")
     if provider not in PROVIDER_NAMES:
         raise ArtifactMismatch(f"provider must be one of {', '.join(PROVIDER_NAMES)}, got {provider!r}")
     m = info["model"]

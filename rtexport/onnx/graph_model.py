@@ -19,6 +19,13 @@ ONNX ``RotaryEmbedding`` and ``Attention`` nodes on the (B, T, heads x d) projec
 past K/V and returning the present; models with per-head q/k norms or a partial rotary use
 ``scaled_dot_product_attention`` with grouped KV heads, which torch.onnx also turns into one ``Attention`` node).
 
+``"gqa"`` (preallocated cache only; ONNX Runtime only): one ``com.microsoft::GroupQueryAttention`` node per layer
+on the rotated (B, T, heads x d) projections, the past buffers shared with the presents. Each sequence's tokens are
+packed from slot 0 of its buffers (a batched prompt is right-padded), ``attention_mask`` marks the slots that hold
+real tokens, ``seqlens_k`` (their count - 1) and ``total_sequence_length`` (the mask's width: the prompt's length at
+prefill, the buffer's at decode) are computed from it. The op then writes the step's K/V at each sequence's own
+slots, and no additive mask exists: ORT's CUDA kernels see the causal structure and the lengths.
+
 KV cache (``kv_cache=``, static graphs): ``"growing"`` (the present is the past with this step's K/V appended, as ORT
 GenAI and optimum name them) or ``"preallocated"`` (opset 24: each past is a buffer of the whole generation's length,
 written in place by one ONNX ``TensorScatter`` per K and V at ``cache_position``; the attention reads the buffer
@@ -44,13 +51,22 @@ from ..models.adapters import ArchitectureAdapter
 
 MODES = ("static", "gated")
 KV_CACHES = ("growing", "preallocated")
+# which positions get logits: "all" (``logits`` is (B, T, V), the layout ORT GenAI and optimum read) or "selected"
+# (a ``logits_positions`` (B, K) input names them and ``logits`` is (B, K, V): a generate loop asks for the last
+# position only, so a prefill runs the LM head on one position, not on the whole prompt, as
+# ``logits_to_keep=1`` does in transformers; ONNX Runtime runs every node of a graph whatever outputs are fetched)
+LOGITS = ("all", "selected")
 PREALLOCATED_OPSET = 24  # ONNX TensorScatter (the in-place KV write) is opset 24
 EXPORT_DOMAIN = "rtexport"  # ops traced under this domain get their ONNX domain back after export
 TARGETS = ("attn", "mlp", "block")
 # "explicit": MatMul/Softmax/MatMul with the KV heads repeated (any opset); "fused": one
 # ``torch.nn.functional.scaled_dot_product_attention`` per layer, which torch.onnx (opset >= 23) exports as one ONNX
 # ``Attention`` node (grouped-query heads and the additive mask inside the node)
-ATTENTION_KINDS = ("explicit", "fused")
+# "gqa": ONNX Runtime's contrib ``GroupQueryAttention`` (com.microsoft), on a preallocated cache only: the op
+# writes the step's K/V into the buffers itself and knows the causal structure and each sequence's length, so ORT's
+# CUDA EP runs flash attention at prefill and its fused decode kernels at decode, with no mask tensor at all
+ATTENTION_KINDS = ("explicit", "fused", "gqa")
+GQA_DOMAIN = "com.microsoft"
 # how a gated graph picks the router's decision (prefill) or the held one (decode): "cond", an ONNX If on the
 # host-side prefill flag around the decoder (no host-to-device copy, routers not run at decode; needs torch >= 2.13's
 # exporter), or "logical", and/or of the flag with both (one small host-to-device copy of the flag per step; any torch)
@@ -219,6 +235,46 @@ def _write_cache(buffer: torch.Tensor, update: torch.Tensor, cache_position: tor
     return buffer.index_copy(2, cache_position, update)
 
 
+def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                          past_v: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, *, num_heads: int,
+                          kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ONNX Runtime's ``com.microsoft::GroupQueryAttention`` with past and present sharing one buffer: exported as
+    that node, computed here as the op defines it.
+
+    ``q`` (B, S, heads x d), ``k``/``v`` (B, S, kv x d), both rotated; ``past_k``/``past_v`` (B, kv, L, d) buffers;
+    ``seqlens_k`` (B,) int32, each sequence's tokens after this step - 1; ``total`` () int32. ``S == total`` is a
+    first prompt: the new K/V go to slots 0..S-1 of every sequence (right padding). Otherwise the step's tokens are
+    each sequence's last ``S``: slots ``seqlens_k - S + 1 .. seqlens_k``. A query attends the slots up to its own
+    that hold its sequence's tokens. Returns ``(output (B, S, heads x d), present_k, present_v)``.
+    """
+    if torch.compiler.is_exporting():
+        from torch.onnx import ops as onnx_ops  # exporting only: symbolic() emits a node as it is given
+
+        return tuple(onnx_ops.symbolic_multi_out(
+            f"{GQA_DOMAIN}::GroupQueryAttention", [q, k, v, past_k, past_v, seqlens_k, total],
+            attrs={"num_heads": num_heads, "kv_num_heads": kv_num_heads, "scale": float(scale)},
+            dtypes=[q.dtype, past_k.dtype, past_v.dtype], shapes=[q.shape, past_k.shape, past_v.shape], version=1))
+    b, s = q.shape[0], q.shape[1]
+    d, length = past_k.shape[3], past_k.shape[2]
+    lengths = seqlens_k.to(torch.int64) + 1
+    first = s == int(total)
+    start = torch.zeros_like(lengths) if first else lengths - s
+    slots = start[:, None] + torch.arange(s, device=q.device)  # (B, S)
+    index = slots[:, None, :, None].expand(b, kv_num_heads, s, d)
+    keys = past_k.scatter(2, index, k.view(b, s, kv_num_heads, d).transpose(1, 2).to(past_k.dtype))
+    values = past_v.scatter(2, index, v.view(b, s, kv_num_heads, d).transpose(1, 2).to(past_v.dtype))
+    k_slot = torch.arange(length, device=q.device)
+    allowed = (k_slot[None, None, :] <= slots[:, :, None]) & (k_slot[None, None, :] < lengths[:, None, None])
+    groups = num_heads // kv_num_heads
+    qh = q.view(b, s, num_heads, d).transpose(1, 2).to(torch.float32)
+    kh = keys.to(torch.float32).repeat_interleave(groups, dim=1)
+    vh = values.to(torch.float32).repeat_interleave(groups, dim=1)
+    scores = (qh @ kh.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vh
+    return out.transpose(1, 2).reshape(b, s, num_heads * d).to(q.dtype), keys, values
+
+
 def _masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
     m = padding_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
@@ -230,8 +286,9 @@ class DecoderGraph(nn.Module):
     ``input_ids`` (B,T) int64, ``attention_mask`` (B,P+T) int64, ``position_ids`` (B,T) int64,
     ``past_key_values.{i}.key|value`` (B,kv,P_i,d) for each layer ``i`` with attention,
     gated only: ``routing_decisions`` (B,R) bool and ``run_layer.{i}`` () bool for each routed layer ``i``,
-    preallocated cache only: ``cache_position`` (T,) int64, the buffer slots this step writes
-    → ``logits`` (B,T,V), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, ``last_logits``
+    preallocated cache only: ``cache_position`` (T,) int64, the buffer slots this step writes,
+    selected logits only: ``logits_positions`` (B,K) int64, the positions (0..T-1) of this step's tokens to score
+    → ``logits`` (B,T,V) (selected logits: (B,K,V)), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, ``last_logits``
     (B,V), the last position's logits, and ``next_token`` (B,1) int64, their argmax (the greedy next token, chosen on
     the device: a greedy loop copies 8 bytes per sequence off it, not the vocabulary's logits).
 
@@ -250,10 +307,19 @@ class DecoderGraph(nn.Module):
         attention: str = "explicit",
         prefill_select: str = "cond",
         kv_cache: str = "growing",
+        logits: str = "all",
     ):
         super().__init__()
+        if logits not in LOGITS:
+            raise ArtifactMismatch(f"logits must be one of {', '.join(LOGITS)}, got {logits!r}")
+        self.logits = logits
         if kv_cache not in KV_CACHES:
             raise ArtifactMismatch(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+        if attention == "gqa" and kv_cache != "preallocated":
+            raise ArtifactMismatch("GroupQueryAttention (attention='gqa') writes a preallocated cache: export it "
+                                   "with kv_cache='preallocated'")
+        if attention == "gqa" and spec.sliding_windows:
+            raise UnsupportedArchitecture("attention='gqa' does not export sliding-window layers; use 'fused'")
         if kv_cache == "preallocated" and spec.mode != "static":
             raise ArtifactMismatch("a preallocated KV cache is for static graphs (a gated graph keeps no cache for "
                                    "the layers no sequence runs)")
@@ -278,7 +344,8 @@ class DecoderGraph(nn.Module):
         self.attention_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         inv_freq = rotary.inv_freq.detach().to(torch.float32).clone()
         # the ONNX RotaryEmbedding node rotates the whole head (a partial rotary keeps the explicit arithmetic)
-        self.fused_rotary = attention == "fused" and 2 * inv_freq.numel() == self.head_dim and _has_onnx_rotary()
+        self.fused_rotary = (attention in ("fused", "gqa") and 2 * inv_freq.numel() == self.head_dim
+                             and _has_onnx_rotary())
 
         decoder = adapter.decoder_layers(model)
         layers = []
@@ -309,6 +376,12 @@ class DecoderGraph(nn.Module):
             self.layers[i].router = lin
         self.eval()
 
+    @property
+    def writes_at_cache_position(self) -> bool:
+        """A preallocated cache written by ``TensorScatter`` at the ``cache_position`` input (GroupQueryAttention
+        finds each sequence's slots from the mask itself)."""
+        return self.kv_cache == "preallocated" and self.attention != "gqa"
+
     # ---- names -------------------------------------------------------------------------------------------------
     def input_names(self) -> list[str]:
         names = ["input_ids", "attention_mask", "position_ids"]
@@ -317,8 +390,10 @@ class DecoderGraph(nn.Module):
         if self.spec.mode == "gated":
             names.append("routing_decisions")
             names += [f"run_layer.{i}" for i in self.spec.routed_layers]
-        if self.kv_cache == "preallocated":
+        if self.writes_at_cache_position:
             names.append("cache_position")
+        if self.logits == "selected":
+            names.append("logits_positions")
         return names
 
     def output_names(self) -> list[str]:
@@ -414,7 +489,10 @@ class DecoderGraph(nn.Module):
         mask: torch.Tensor,
         cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(output, present_k, present_v)``; ``cache_position`` (preallocated cache): the slots to write."""
+        """``(output, present_k, present_v)``; ``cache_position`` (preallocated cache): the slots to write.
+        ``mask``: the additive mask, or for GroupQueryAttention the ``(seqlens_k, total_sequence_length)`` pair."""
+        if self.attention == "gqa":
+            return self._gqa_attention(layer, normed, past_k, past_v, cos, sin, *mask)
         if self.fused_rotary and not hasattr(layer, "q_norm"):
             return self._onnx_attention(layer, normed, past_k, past_v, cos, sin, mask, cache_position)
         b, t = normed.shape[0], normed.shape[1]
@@ -484,6 +562,27 @@ class DecoderGraph(nn.Module):
         )
         return layer.o_proj(out), keys, values
 
+    def _gqa_attention(self, layer: _Layer, normed: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention as one ``GroupQueryAttention`` node on the rotated (B, T, heads x d) projections (q/k
+        norms per head first, where the model has them); the node writes the buffers and returns them."""
+        b, t, d = normed.shape[0], normed.shape[1], self.head_dim
+        q, k, v = layer.q_proj(normed), layer.k_proj(normed), layer.v_proj(normed)
+        if hasattr(layer, "q_norm"):
+            q = layer.q_norm(q.view(b, t, -1, d)).reshape(b, t, -1)
+            k = layer.k_norm(k.view(b, t, -1, d)).reshape(b, t, -1)
+        if self.fused_rotary:
+            q = torch.ops.onnx.RotaryEmbedding.opset23(q, cos, sin, num_heads=self.num_heads)
+            k = torch.ops.onnx.RotaryEmbedding.opset23(k, cos, sin, num_heads=self.num_kv_heads)
+        else:
+            q = self._rotate(q.view(b, t, -1, d).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1)
+            k = self._rotate(k.view(b, t, -1, d).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1)
+        scaling = layer.scaling if layer.scaling is not None else d**-0.5
+        out, keys, values = group_query_attention(q, k, v, past_k, past_v, seqlens_k, total, num_heads=self.num_heads,
+                                                  kv_num_heads=self.num_kv_heads, scale=scaling)
+        return layer.o_proj(out), keys, values
+
     def _score(self, layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float
                ) -> torch.Tensor:
         """(B,) bool: the router's decision for this step's tokens (masked mean over the real ones, float32)."""
@@ -501,28 +600,36 @@ class DecoderGraph(nn.Module):
         routing_decisions: torch.Tensor | None = None,
         run_layer: list[torch.Tensor] | None = None,
         cache_position: torch.Tensor | None = None,
+        logits_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         spec = self.spec
         past_key_values = list(past_key_values)
-        if (cache_position is None) != (self.kv_cache == "growing"):
-            raise ArtifactMismatch(f"a {self.kv_cache} KV cache graph takes cache_position "
-                                   f"{'never' if self.kv_cache == 'growing' else 'at every step'}")
+        if (cache_position is None) == self.writes_at_cache_position:
+            raise ArtifactMismatch(f"a {self.kv_cache} KV cache graph with {self.attention} attention takes "
+                                   f"cache_position {'at every step' if self.writes_at_cache_position else 'never'}")
+        if (logits_positions is None) != (self.logits == "all"):
+            raise ArtifactMismatch(f"a graph with {self.logits} logits takes logits_positions "
+                                   f"{'never' if self.logits == 'all' else 'at every step'}")
         if spec.mode != "gated":
             return self._decoder(input_ids, attention_mask, position_ids, past_key_values, None, None, phase="static",
-                                 cache_position=cache_position)
+                                 cache_position=cache_position, logits_positions=logits_positions)
         if self.prefill_select == "logical":
             return self._decoder(input_ids, attention_mask, position_ids, past_key_values, routing_decisions,
-                                 list(run_layer), phase="logical")
+                                 list(run_layer), phase="logical", logits_positions=logits_positions)
         # one If on the prefill flag (from input shapes: host-side) around the whole decoder. Its prefill branch
         # runs the routers, its decode branch reads the held decisions: a decode step runs one If per routed layer
         # (on run_layer.{i}) inside it, and nothing else of the routing
         n_kv = len(past_key_values)
-        operands = (input_ids, attention_mask, position_ids, *past_key_values, routing_decisions, *run_layer)
+        n_run = len(run_layer)
+        selected = () if logits_positions is None else (logits_positions,)
+        operands = (input_ids, attention_mask, position_ids, *past_key_values, routing_decisions, *run_layer,
+                    *selected)
 
         def branch(phase: str):
             def run(*ops):
                 return self._decoder(ops[0], ops[1], ops[2], list(ops[3:3 + n_kv]), ops[3 + n_kv],
-                                     list(ops[4 + n_kv:]), phase=phase)
+                                     list(ops[4 + n_kv:4 + n_kv + n_run]), phase=phase,
+                                     logits_positions=ops[4 + n_kv + n_run] if selected else None)
 
             return run
 
@@ -530,7 +637,8 @@ class DecoderGraph(nn.Module):
                                 operands))
 
     def _decoder(self, input_ids, attention_mask, position_ids, past_key_values, routing_decisions, run_layer,
-                 phase: str, cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                 phase: str, cache_position: torch.Tensor | None = None,
+                 logits_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The decoder for one ``phase``: "static" (no routing), "prefill" / "decode" (the branches of a gated
         graph's prefill ``If``), or "logical" (a gated graph that selects the router's or the held decisions with
         logical ops at every step)."""
@@ -539,7 +647,13 @@ class DecoderGraph(nn.Module):
         t = input_ids.shape[1]
         cos, sin = self._rotary(position_ids, x.dtype)
         mask_dtype = self._mask_dtype(x.dtype)
-        if cache_position is not None:
+        if self.attention == "gqa":
+            # what GroupQueryAttention reads instead of a mask: the real tokens per sequence - 1 (on the device),
+            # and the mask's width (from its shape: on the host, where ORT's CUDA kernel reads it)
+            seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
+            total = (torch.zeros((), dtype=torch.int64, device=x.device) + attention_mask.shape[1]).to(torch.int32)
+            masks: dict[Any, Any] = {None: (seqlens_k, total)}
+        elif cache_position is not None:
             masks = {w: self._buffer_mask(attention_mask, cache_position, w, mask_dtype)
                      for w in {None, *spec.sliding_windows.values()}}
         else:
@@ -573,6 +687,9 @@ class DecoderGraph(nn.Module):
             if layer.has_mlp:
                 x = x + layer.mlp(layer.mlp_norm(x))
 
+        if logits_positions is not None:
+            # the selected positions' hidden states only (one GatherElements), then the final norm and the LM head
+            x = torch.gather(x, 1, logits_positions[:, :, None].expand(-1, -1, x.shape[-1]))
         logits = self.lm_head(self.norm(x))
         outputs: list[torch.Tensor] = [logits]
         for i in spec.kv_layers:
@@ -581,8 +698,8 @@ class DecoderGraph(nn.Module):
             outputs.append(routing_decisions.clone())  # the decisions this step used: the held ones
         elif phase != "static":
             outputs.append(torch.cat(decisions, dim=1)[:, :, 0])
-        # the last position's logits, sliced from ``logits``: a generate loop binds only this output and so never
-        # copies the prompt's (B, T, vocab) logits off the device
+        # the last (selected) position's logits, sliced from ``logits``: a generate loop binds only this output and
+        # so never copies the prompt's (B, T, vocab) logits off the device
         last = logits[:, -1].clone()
         outputs += [last, last.argmax(dim=-1, keepdim=True)]
         return tuple(outputs)

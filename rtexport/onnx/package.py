@@ -118,6 +118,19 @@ while not generator.is_done():
     generator.generate_next_token()
 print(tokenizer.decode(generator.get_sequence(0)))
 ```
+{% elif attention == "gqa" %}
+### Driving the GroupQueryAttention graph yourself
+
+Each layer's attention is one ONNX Runtime `GroupQueryAttention` node (domain `com.microsoft`: ONNX Runtime only)
+on a preallocated cache. Every `past_key_values.{i}.key|value` is a buffer (batch, {{ kv_heads }}, capacity,
+{{ head_dim }}) as long as the whole generation; bind each `present.{i}.key|value` to the same buffer and the node
+writes the step's K/V into it. Each sequence's tokens are packed from slot 0 of its rows, so a batched prompt is
+right-padded. `attention_mask` marks, per sequence, the slots that hold its tokens (this step's included): at the
+prompt it is as wide as the prompt; at a decode step it is as wide as the buffers, so that every decode step has the
+same shapes and `run_ort.py` (class `OrtCausalLM`, `cuda_graph=True`) can have ONNX Runtime capture it once as a CUDA
+graph and replay it. The graph derives the node's `seqlens_k` (filled slots - 1) and `total_sequence_length` (the
+mask's width) from it. After the prompt, a step of more than one token takes batch 1. `logits_positions` names each
+sequence's last real token. `OrtCausalLM` packs a left-padded batch itself and returns logits in the caller's layout.
 {% elif kv_cache == "preallocated" %}
 ### Driving the preallocated-cache graph yourself
 
@@ -166,8 +179,15 @@ Perplexity on those sequences: PyTorch {{ "%.4f"|format(report.details.perplexit
   {{ ranges(kv_layers) }}{% if mode == "gated" %}, `routing_decisions`, `run_layer.{i}` for layers {{ ranges(routed) }}{% endif %}
 - outputs: `logits`, `present.{i}.key|value` for the same layers{% if mode == "gated" %}, `decisions`{% endif %},
   `last_logits` (the last position's logits), `next_token` (their argmax: all a greedy loop copies off the device)
+{% if logits == "selected" -%}
+- also `logits_positions` (batch, K) int64: the positions (0…T-1) of the step's tokens whose `logits` (batch, K, vocab)
+  the graph computes. A generate loop gives the last position only, so a prefill runs the LM head on one position,
+  not on the whole prompt; validation gives every position. ONNX Runtime GenAI feeds no such input, so this package
+  has no `genai_config.json`.
+{% endif -%}
 {% if kv_cache == "preallocated" -%}
-- also `cache_position` (the slots this step writes)
+{% if attention != "gqa" %}- also `cache_position` (the slots this step writes)
+{% endif -%}
 - KV cache: preallocated buffers (batch, {{ kv_heads }} kv heads, capacity, {{ head_dim }}), {{ dtype }}, written in
   place; batch, sequence and capacity are dynamic.
 {%- else -%}
@@ -219,6 +239,8 @@ def render_readme(info: dict[str, Any], report: dict[str, Any], genai: bool) -> 
         data_mb=round(info["files"][DATA_NAME]["bytes"] / 1e6, 1),
         genai=genai,
         kv_cache=info.get("kv_cache", "growing"),
+        logits=info.get("logits", "all"),
+        attention=info.get("attention", "fused"),
         report=report,
         inputs=info["inputs"],
         outputs=info["outputs"],
@@ -244,7 +266,8 @@ def package_ort_gpu(onnx_dir: str | Path, output_dir: str | Path, report: Any, *
         failed = [c["name"] for c in report_dict["checks"] if not c["passed"]]
         raise ArtifactMismatch(f"the export failed validation ({', '.join(failed)}); not packaging it")
     output_dir = Path(output_dir)
-    genai = info["mode"] == "static" and info.get("kv_cache", "growing") == "growing"
+    genai = (info["mode"] == "static" and info.get("kv_cache", "growing") == "growing"
+             and info.get("logits", "all") == "all")
     with atomic_directory(output_dir) as staging:
         for item in sorted(onnx_dir.iterdir()):
             if item.is_file() and not item.name.startswith("."):

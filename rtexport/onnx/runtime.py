@@ -18,6 +18,16 @@ and output names:
   buffers, so with ``cuda_graph=True`` ONNX Runtime captures the decode step once as a CUDA graph and replays it
   (prefill runs outside the graph). A cache outgrows its buffers by being copied into larger ones.
 
+* ``rtexport.attention`` = ``gqa`` (metadata): a preallocated cache written by ONNX Runtime's GroupQueryAttention.
+  Each sequence's tokens are packed from slot 0 of its buffers: the runner moves a left-padded prompt's tokens to
+  the front of their rows (and the logits back), feeds a mask that marks each sequence's filled slots (the prompt's
+  width at prefill, the buffers' width at decode, so that decode steps keep one shape), and GroupQueryAttention
+  writes each sequence's new K/V at its own next slot. After the prompt, steps of more than one token take batch 1.
+
+* ``logits_positions``: a graph with selected logits. Each step names the positions whose logits it wants; the
+  runner asks for the last one when only the next token is needed (a prefill then runs the LM head on one
+  position per sequence), and for every position otherwise.
+
 On CUDAExecutionProvider the loop uses IO binding: the cache and the decisions stay on the device between steps;
 only the next tokens go up and the last position's logits come down.
 """
@@ -67,6 +77,7 @@ class Cache:
     decisions: np.ndarray | None = None  # (B, R) bool on the host, fixed at prefill
     decisions_value: Any = None  # the same decisions as the graph returned them (an OrtValue when IO-binding)
     active: dict[int, bool] = field(default_factory=dict)  # routed layer -> any sequence runs it
+    filled: np.ndarray | None = None  # packed (GroupQueryAttention) caches: (B,) slots each sequence has filled
 
 
 @dataclass
@@ -138,7 +149,12 @@ class OrtCausalLM:
         self.mask_dtype = _ORT_TO_NUMPY[inputs["attention_mask"].type]
         self._empties: dict[int, Any] = {}
         self.position_dtype = _ORT_TO_NUMPY[inputs["position_ids"].type] if "position_ids" in inputs else None
-        self.preallocated = "cache_position" in inputs
+        # GroupQueryAttention graphs pack each sequence from slot 0 of a preallocated cache (no cache_position)
+        self.packed = meta.get("rtexport.attention") == "gqa"
+        self.preallocated = "cache_position" in inputs or self.packed
+        self.selects_logits = "logits_positions" in inputs
+        if self.packed and not self.selects_logits:
+            raise ValueError(f"{path}: a GroupQueryAttention graph needs the logits_positions input")
         if cuda_graph and not self.preallocated:
             raise ValueError(f"{path}: CUDA graphs need a graph exported with a preallocated KV cache "
                              "(export with kv_cache='preallocated')")
@@ -203,11 +219,11 @@ class OrtCausalLM:
             for i, pair in self._pools[key].items():
                 for value, old in zip(pair, content[i]):
                     value.update_inplace(self._buffer(b, capacity, old))
-            return Cache(past=dict(self._pools[key]), length=cache.length, capacity=capacity)
+            return Cache(past=dict(self._pools[key]), length=cache.length, capacity=capacity, filled=cache.filled)
         past = self._buffers(b, capacity, content)
         if self.cuda_graph:
             self._pools[key] = dict(past)
-        return Cache(past=past, length=cache.length, capacity=capacity)
+        return Cache(past=past, length=cache.length, capacity=capacity, filled=cache.filled)
 
     def run_flags(self, cache: Cache) -> dict[int, bool]:
         """``run_layer.{i}`` for the next step: all true at prefill, else any sequence of the batch runs ``i``."""
@@ -237,6 +253,8 @@ class OrtCausalLM:
         """
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         b, t = input_ids.shape
+        if self.packed:
+            return self._forward_packed(input_ids, attention_mask, position_ids, cache, last_only, capacity, greedy)
         if self.preallocated:
             return self._forward_preallocated(input_ids, attention_mask, position_ids, cache, last_only, capacity,
                                               greedy)
@@ -251,6 +269,8 @@ class OrtCausalLM:
         feeds: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.position_dtype is not None:
             feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=self.position_dtype)
+        if self.selects_logits:
+            feeds["logits_positions"] = _logits_positions(b, t, last_only or greedy)
         for i in self.kv_layers:
             k, v = cache.past[i]
             feeds[f"past_key_values.{i}.key"] = k
@@ -330,25 +350,84 @@ class OrtCausalLM:
         feeds = {"input_ids": input_ids, "attention_mask": full_mask,
                  "position_ids": np.ascontiguousarray(position_ids, dtype=self.position_dtype),
                  "cache_position": np.arange(cache.length, total, dtype=np.int64)}
+        if self.selects_logits:
+            feeds["logits_positions"] = _logits_positions(b, t, last_only or greedy)
         fetched = self._fetched(last_only, greedy)
+        logits_value = self._run_preallocated(cache, feeds, fetched, t)
+        logits, next_token = self._read(fetched, logits_value, last_only, greedy)
+        return StepOutput(logits=logits, cache=Cache(past=cache.past, length=total, capacity=cache.capacity),
+                          next_token=next_token)
+
+    def _run_preallocated(self, cache: Cache, feeds: dict[str, Any], fetched: str, t: int) -> Any:
+        """Run a step whose presents are the pasts' buffers; a decode step (``t`` 1) as a CUDA graph replay."""
+        b = feeds["input_ids"].shape[0]
         if self.cuda_graph and t == 1:
             key = (b, cache.capacity)
             if key not in self._graphs:
                 self._graphs[key] = _GraphStep(self, cache, len(self._graphs))
-            logits_value = self._graphs[key].run(feeds, fetched)
+            return self._graphs[key].run(feeds, fetched)
+        buffers = {}
+        for i, (k, v) in cache.past.items():
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
+            buffers[f"present.{i}.key"], buffers[f"present.{i}.value"] = k, v  # the write lands in the buffer
+        options = None
+        if self.cuda_graph:  # prefill (or any multi-token step): outside the captured decode graph
+            options = self._ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", "-1")
+        return self._run_io_binding(feeds, {}, [fetched], buffers, options)[fetched]
+
+    def _forward_packed(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
+                        cache: Cache | None, last_only: bool, capacity: int | None, greedy: bool) -> StepOutput:
+        """A step of a GroupQueryAttention graph: the caller's layout (any padding) in, packed rows to the graph,
+        logits back in the caller's layout."""
+        b, t = input_ids.shape
+        if cache is None:
+            cache = self.empty_cache(b, t + self.reserve if capacity is None else max(int(capacity), t))
+        total = cache.length + t
+        attention_mask = np.asarray(attention_mask)
+        if attention_mask.shape != (b, total):
+            raise ValueError(f"attention_mask must be (batch, past + new) = {(b, total)}, got {attention_mask.shape}")
+        new_real = attention_mask[:, cache.length:] > 0
+        if cache.filled is None:  # prefill: each row's real tokens to the front (a stable sort keeps their order)
+            order = np.argsort(~new_real, axis=1, kind="stable")
+            counts = new_real.sum(axis=1).astype(np.int64)
+            if not counts.all():
+                raise ValueError("every sequence of a prompt needs at least one real token")
+            filled = np.zeros(b, dtype=np.int64)
+            if position_ids is None:
+                position_ids = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t))
+            else:
+                position_ids = np.take_along_axis(np.asarray(position_ids), order, axis=1)
+            input_ids = np.take_along_axis(input_ids, order, axis=1)
+            width = t  # a prompt: the mask is as wide as the step
         else:
-            buffers = {}
-            for i, (k, v) in cache.past.items():
-                feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = k, v
-                buffers[f"present.{i}.key"], buffers[f"present.{i}.value"] = k, v  # the write lands in the buffer
-            options = None
-            if self.cuda_graph:  # prefill (or any multi-token step): outside the captured decode graph
-                options = self._ort.RunOptions()
-                options.add_run_config_entry("gpu_graph_id", "-1")
-            logits_value = self._run_io_binding(feeds, {}, [fetched], buffers, options)[fetched]
+            if not new_real.all():
+                raise ValueError("a GroupQueryAttention graph takes every token after the prompt as real")
+            if t > 1 and b > 1:
+                raise ValueError("GroupQueryAttention takes steps of more than one token after the prompt for "
+                                 "batch 1 only; decode one token per step")
+            order, counts, filled = None, np.full(b, t, dtype=np.int64), cache.filled
+            if position_ids is None:
+                position_ids = filled[:, None] + np.arange(t, dtype=np.int64)
+            # a decode step: the mask spans the buffers (one shape at every step); a longer step, the filled slots
+            width = cache.capacity if t == 1 else int(filled.max()) + t
+        lengths = filled + counts
+        if int(lengths.max()) > cache.capacity or width > cache.capacity:
+            cache = self._grow(cache, max(int(lengths.max()), width, 2 * cache.capacity))
+            width = cache.capacity if t == 1 and cache.filled is not None else width
+        mask = (np.arange(width)[None, :] < lengths[:, None]).astype(self.mask_dtype)
+        last = np.maximum(lengths - filled - 1, 0)[:, None]  # each row's last real token in the step
+        positions = last if (last_only or greedy) else np.broadcast_to(np.arange(t, dtype=np.int64), (b, t))
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), "attention_mask": mask,
+                 "position_ids": np.ascontiguousarray(position_ids, dtype=self.position_dtype),
+                 "logits_positions": np.ascontiguousarray(positions, dtype=np.int64)}
+        fetched = self._fetched(last_only, greedy)
+        logits_value = self._run_preallocated(cache, feeds, fetched, t)
         logits, next_token = self._read(fetched, logits_value, last_only, greedy)
-        return StepOutput(logits=logits, cache=Cache(past=cache.past, length=total, capacity=cache.capacity),
-                          next_token=next_token)
+        if logits is not None and logits.shape[1] == t and order is not None:
+            logits = np.take_along_axis(logits, np.argsort(order, axis=1)[:, :, None], axis=1)  # caller's layout
+        return StepOutput(logits=logits, next_token=next_token,
+                          cache=Cache(past=cache.past, length=total, capacity=cache.capacity, filled=lengths))
 
     def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
         values = self.session.run(wanted, {**feeds, **host})
@@ -414,7 +493,9 @@ class _GraphStep:
         ort, device = lm._ort, lm.device_type
         b, capacity = int(next(iter(cache.past.values()))[0].shape()[0]), cache.capacity
         shapes = {"input_ids": ((b, 1), np.int64), "attention_mask": ((b, capacity), lm.mask_dtype),
-                  "position_ids": ((b, 1), lm.position_dtype), "cache_position": ((1,), np.int64)}
+                  "position_ids": ((b, 1), lm.position_dtype), "cache_position": ((1,), np.int64),
+                  "logits_positions": ((b, 1), np.int64)}
+        shapes = {name: shape for name, shape in shapes.items() if name in lm.input_names}
         self.session = lm.session
         self.binding = lm.session.io_binding()
         self.inputs = {}
@@ -455,6 +536,12 @@ def _with_cuda_graph(provider: Any) -> Any:
 
 
 _LOGITS = ("logits", "last_logits", "next_token")
+
+
+def _logits_positions(batch: int, seq_len: int, last: bool) -> np.ndarray:
+    """``logits_positions`` (B, K) for a step of ``seq_len`` tokens: the last position, or every position."""
+    positions = np.arange(seq_len - 1 if last else 0, seq_len, dtype=np.int64)
+    return np.ascontiguousarray(np.broadcast_to(positions, (batch, positions.size)))
 
 
 def _host(value: Any) -> np.ndarray:
