@@ -243,6 +243,32 @@ def export_phase(args) -> None:
     (out / "bench.json").write_text(json.dumps(record, indent=1))
 
 
+def agreement(lm, reference_lm, prompt, tokens) -> dict:
+    """``lm``'s last logits against ``reference_lm``'s at prefill and at each decode step, both fed ``tokens`` (the
+    reference's greedy tokens): the largest difference per phase, the top-1 agreement, and the first step where
+    ``lm``'s own greedy choice differs."""
+    import numpy as np
+
+    steps = tokens.shape[1]
+    outs = []
+    for model in (lm, reference_lm):
+        step = model.forward(prompt, np.ones_like(prompt), last_only=True, capacity=prompt.shape[1] + steps)
+        logits = [step.logits[:, -1].astype(np.float32)]
+        mask = np.ones_like(prompt)
+        for n in range(steps - 1):
+            mask = np.concatenate([mask, np.ones((prompt.shape[0], 1), dtype=mask.dtype)], axis=1)
+            step = model.forward(tokens[:, n:n + 1], mask, cache=step.cache, last_only=True)
+            logits.append(step.logits[:, -1].astype(np.float32))
+        outs.append(np.stack(logits, axis=1))  # (B, steps, V)
+    mine, ref = outs
+    diff = np.abs(mine - ref).max(axis=(0, 2))
+    top1 = (mine.argmax(-1) == ref.argmax(-1)).mean(axis=0)
+    differs = np.nonzero(mine.argmax(-1)[0] != tokens[0])[0]
+    return {"prefill_max_abs_diff": float(diff[0]), "decode_max_abs_diff": float(diff[1:].max()),
+            "decode_top1_agreement": float(top1[1:].mean()), "logits_scale": float(np.abs(ref).max()),
+            "first_differing_step": int(differs[0]) if differs.size else None}
+
+
 def bench_phase(args) -> None:
     import onnxruntime as ort
     from graph_weights import fill, graph_module_from_info
@@ -384,6 +410,19 @@ def bench_phase(args) -> None:
     log["greedy_32_matches_static"] = {key: bool((lm.generate(prompt, max_new_tokens=32) == reference).all())
                                        for key, lm in sessions.items()}
     print("greedy tokens match the static graph's:", log["greedy_32_matches_static"], flush=True)
+    # where they part, and why: each session's logits against the static graph's on the static graph's own tokens
+    # (teacher-forced), at prefill and at every decode step; GroupQueryAttention graphs also without CUDA graphs
+    log["agreement_with_static"] = {}
+    for key, lm in sessions.items():
+        if key == "static":
+            continue
+        log["agreement_with_static"][key] = agreement(lm, sessions["static"], prompt, reference)
+        if getattr(lm, "packed", False):
+            eager = OrtCausalLM(lm.path, providers=providers)
+            log["agreement_with_static"][f"{key}_no_cuda_graph"] = agreement(eager, sessions["static"], prompt,
+                                                                            reference)
+            del eager
+    print("agreement with the static graph:", json.dumps(log["agreement_with_static"]), flush=True)
     measured = list(sessions)
     del sessions
     if args.placement:

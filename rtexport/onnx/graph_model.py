@@ -448,7 +448,9 @@ class DecoderGraph(nn.Module):
         allowed = k_pos[None, :] <= q_pos[:, None]
         if window is not None:
             allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
-        allowed = allowed[None, None] & (attention_mask[:, None, None, :] > 0)
+        # a Cast, not a comparison with 0: in a gated graph that 0 would be the constant the host-side prefill flag
+        # compares with, which ONNX Runtime then keeps on the host and copies to the device at every step
+        allowed = allowed[None, None] & attention_mask[:, None, None, :].to(torch.bool)
         zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
         return torch.where(allowed, zero, low)
 
@@ -465,7 +467,7 @@ class DecoderGraph(nn.Module):
         allowed = k_slot <= q_slot
         if window is not None:
             allowed = allowed & (k_slot > q_slot - window)
-        allowed = allowed & (attention_mask[:, None, None, :] > 0)
+        allowed = allowed & attention_mask[:, None, None, :].to(torch.bool)
         zero, low = DecoderGraph._mask_values(dtype, attention_mask.device)
         return torch.where(allowed, zero, low)
 
