@@ -163,7 +163,7 @@ def export_onnx(
     routers: Optional[Path] = typer.Option(None, help="Tuned routers folder (gated mode)."),
     onnx_dtype: str = typer.Option("float32", "--dtype", help="float32 or float16."),
     opset: int = typer.Option(23, help="ONNX opset (23+ gives one fused Attention node per layer)."),
-    attention: str = typer.Option("auto", help="auto (fused at opset >= 23), fused (ONNX Attention) or explicit (MatMul/Softmax)."),
+    attention: str = typer.Option("auto", help="auto (fused at opset >= 23), fused (ONNX Attention), explicit (MatMul/Softmax) or gqa (ONNX Runtime's GroupQueryAttention on a preallocated cache: flash attention at prefill, fused decode kernels; needs --kv-cache preallocated --logits selected)."),
     kv_cache: str = typer.Option("growing", help="growing (past + new K/V out) or preallocated (static mode: one buffer per K/V written in place; ONNX Runtime can replay its decode step as a CUDA graph)."),
     logits: str = typer.Option("all", help="all (logits for every token, what ORT GenAI reads) or selected (a logits_positions input names the positions to score: a prefill runs the LM head on the last token only)."),
     fmt: str = typer.Option("graph", "--format", help="graph (model.onnx + data) or ort-gpu (a validated runnable package)."),
@@ -304,7 +304,7 @@ def tune_and_export_cmd(
     eval_limit: Optional[int] = typer.Option(100),
     onnx_dtype: str = typer.Option("auto", help="ONNX dtype: auto (fp16 on CUDA, fp32 on CPU), float32, float16."),
     opset: int = typer.Option(23, help="ONNX opset (23+ gives one fused Attention node per layer)."),
-    attention: str = typer.Option("auto", help="ONNX attention: auto (fused at opset >= 23), fused or explicit."),
+    attention: str = typer.Option("auto", help="ONNX attention: auto (fused at opset >= 23), fused, explicit, or gqa (the static graph: ONNX Runtime's GroupQueryAttention; needs --kv-cache preallocated --logits selected)."),
     kv_cache: str = typer.Option("growing", help="The static graph's KV cache: growing, or preallocated (buffers written in place; CUDA-graph decode under ONNX Runtime)."),
     logits: str = typer.Option("all", help="ONNX logits: all (every token; ORT GenAI reads these) or selected (a logits_positions input: a prefill scores the last token only)."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance (default per dtype)."),
@@ -399,7 +399,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except RtexportError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return e.exit_code
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]: outputs already written stay valid; rerun to resume where offered")

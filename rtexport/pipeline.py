@@ -94,6 +94,9 @@ class PipelineSettings:
 
             if self.logits not in LOGITS:
                 raise DataError(f"--logits must be one of {', '.join(LOGITS)}, got {self.logits!r}")
+            if self.attention == "gqa" and (self.kv_cache, self.logits) != ("preallocated", "selected"):
+                raise DataError("--attention gqa (ONNX Runtime's GroupQueryAttention) needs --kv-cache preallocated "
+                                "and --logits selected")
             if self.kv_cache not in KV_CACHES:
                 raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
             if self.kv_cache == "preallocated" and int(self.opset) < PREALLOCATED_OPSET - 1:
@@ -311,8 +314,10 @@ class Pipeline:
                 else:
                     routed = load_tuned(self.loaded, self.path("routers"))
                     try:
+                        # GroupQueryAttention writes a preallocated cache, which a gated graph does not keep
+                        attention = "auto" if self.s.attention == "gqa" else self.s.attention
                         path = export_onnx(self.loaded, target, mode="gated", routed=routed, dtype=self._onnx_dtype(), opset=self.s.opset,
-                                           attention=self.s.attention, logits=self.s.logits)
+                                           attention=attention, logits=self.s.logits)
                     finally:
                         routed.unwrap()
                 results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset,

@@ -26,6 +26,10 @@ def test_bad_kv_cache_choices_fail_before_any_work(capsys, tmp_path):
     assert "--kv-cache must be one of growing, preallocated" in capsys.readouterr().err
     assert main(["tune-and-export", "--kv-cache", "preallocated", "--opset", "18", "--output", str(out)]) == 2
     assert "needs --opset 23 or later" in capsys.readouterr().err
+    assert main(["tune-and-export", "--logits", "some", "--output", str(out)]) == 2
+    assert "--logits must be one of all, selected" in capsys.readouterr().err
+    assert main(["tune-and-export", "--attention", "gqa", "--kv-cache", "preallocated", "--output", str(out)]) == 2
+    assert "needs --kv-cache preallocated and --logits selected" in capsys.readouterr().err
     assert not out.exists()
 
 
