@@ -6,7 +6,7 @@
 
 Stages: load -> tune routers -> plan (Router-Tuning, and Attention-Drop for comparison) -> prune into a
 transformers folder -> export a static ONNX graph -> validate it against PyTorch -> export the graph to deploy on a GPU
-(a preallocated KV cache, decode replayed as a CUDA graph) and generate with it. ``rtexport.tune_and_export`` runs
+(GroupQueryAttention on a preallocated KV cache, decode replayed as a CUDA graph) and generate with it. ``rtexport.tune_and_export`` runs
 the same stages (plus evaluation, benchmarks and the model card) in one call; see ``one_call`` at the bottom.
 """
 
@@ -91,16 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     except RtexportError as e:  # ValidationFailed: the CLI exits with its exit code (3)
         print(e, file=sys.stderr)
         return e.exit_code
-    # 7. The graph to deploy on a GPU: the same plan with a preallocated KV cache (buffers written in place), whose
-    #    decode step ONNX Runtime captures once as a CUDA graph and replays (on the CPU provider it runs plainly).
-    deploy = export_onnx(loaded, out / "onnx" / "static-preallocated", mode="static", plan=plan,
-                         dtype="float16" if args.device == "cuda" else "float32", kv_cache="preallocated")
+    # 7. The graph to deploy on a GPU: the same plan, each attention one ONNX Runtime GroupQueryAttention node on a
+    #    preallocated KV cache (flash attention at prefill, no mask tensor), logits for the asked positions only;
+    #    ONNX Runtime captures its decode step once as a CUDA graph and replays it (the CPU provider runs it plainly).
+    deploy = export_onnx(loaded, out / "onnx" / "static-gqa", mode="static", plan=plan,
+                         dtype="float16" if args.device == "cuda" else "float32", attention="gqa",
+                         kv_cache="preallocated", logits="selected")
     lm = OrtCausalLM(deploy, cuda_graph=True)
     ids = loaded.tokenizer(prompt, return_tensors="np")["input_ids"]
     tokens = lm.generate(ids, max_new_tokens=12)[0]
     print(f"onnx ({lm.session.get_providers()[0]}, CUDA graph {lm.cuda_graph}): "
           f"{prompt}{loaded.tokenizer.decode(tokens, skip_special_tokens=True)!r}")
-    print(f"artifacts in {out}/: routers/, plans/, model/, onnx/static/, onnx/static-preallocated/")
+    print(f"artifacts in {out}/: routers/, plans/, model/, onnx/static/, onnx/static-gqa/")
     return 0
 
 

@@ -20,7 +20,7 @@ from test_onnx_attention import host_to_device_values
 from test_onnx_export import ATOL, assert_padded_batches_match, continuation, max_diff_real, torch_step
 
 from rtexport.errors import DataError
-from rtexport.evaluation.parity import left_pad, torch_greedy, validate
+from rtexport.evaluation.parity import left_pad, parity_table, torch_greedy, validate
 from rtexport.onnx.export import export_onnx, load_export_info
 from rtexport.onnx.graph_model import group_query_attention
 from rtexport.onnx.runtime import OrtCausalLM
@@ -212,6 +212,7 @@ def test_validate_and_package(tmp_path):
     batches = [left_pad(random_sequences(3, seed=s, lo=4, hi=9)) for s in (1, 2)]
     report = validate(case.model, case.onnx_dir, token_batches=batches, steps=8)
     assert report.passed, report.checks
+    assert "preallocated KV cache (GroupQueryAttention)" in parity_table(report).title
     out = package_ort_gpu(case.onnx_dir, tmp_path / "pkg", report)
     assert not (out / "genai_config.json").exists()
     readme = (out / "README.md").read_text()

@@ -113,6 +113,8 @@ def parity_table(report: ParityReport) -> Any:
     from rich.table import Table
 
     cache = ", preallocated KV cache" if report.details.get("kv_cache") == "preallocated" else ""
+    if report.details.get("attention") == "gqa":
+        cache += " (GroupQueryAttention)"
     table = Table(title=f"ONNX parity: {report.mode} graph{cache}, {report.dtype} ({', '.join(report.providers)})")
     table.add_column("check")
     table.add_column("value", justify="right")
@@ -437,6 +439,7 @@ def validate(
         steps=steps,
         checks=checks,
         details={"perplexity_torch": ppl_t, "perplexity_onnx": ppl_o, "scored_tokens": nll_n, "batches": per_batch,
-                 "tolerances": tol, "kv_cache": info.get("kv_cache", "growing")},
+                 "tolerances": tol, "kv_cache": info.get("kv_cache", "growing"),
+                 "attention": info.get("attention"), "logits": info.get("logits", "all")},
         seconds=round(time.perf_counter() - started, 2),
     )
