@@ -42,3 +42,22 @@ def test_tune_and_export_runs_resumes_and_reports(tmp_path):
     # --force redoes them
     tune_and_export(PipelineSettings(**settings, force=True), progress=False)
     assert (out / "stages" / "tune.json").stat().st_mtime_ns != tuned_at
+
+
+def test_tune_and_export_ort_gpu_with_group_query_attention(tmp_path):
+    """The GPU deployment flags through the whole ONNX side of the job: the static graph is the GroupQueryAttention
+    one (validated, packaged, benchmarked with its runner), the gated graph keeps ONNX Attention."""
+    src = tmp_path / "tiny"
+    build_model("llama", hidden_size=64, intermediate_size=256).save_pretrained(src)
+    build_tokenizer().save_pretrained(src)
+    settings = PipelineSettings(model=str(src), output=str(tmp_path / "out"), format="ort-gpu", skip_ratio=0.34,
+                                layers="2-4", seq_len=32, max_samples=16, batch_size=4, steps=2, calibration_blocks=4,
+                                heldout_blocks=4, eval_tasks="", bench_reps=1, dtype="float32", device="cpu",
+                                attention="gqa", kv_cache="preallocated", logits="selected")
+    report = tune_and_export(settings, progress=False)
+    stages = report["stages"]
+    assert all(stages[s]["status"] == "done" for s in ("export", "validate", "bench")), stages
+    out = tmp_path / "out"
+    infos = {p.parent.name: json.loads(p.read_text()) for p in out.glob("onnx-build/*/export_info.json")}
+    assert infos["static"]["attention"] == "gqa" and infos["static"]["logits"] == "selected"
+    assert infos["gated"]["attention"] == "fused" and infos["gated"]["logits"] == "selected"
