@@ -146,11 +146,13 @@ def test_refusals(tmp_path):
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_captured_step_bindings_decode_as_the_per_step_ones():
+@pytest.mark.parametrize("mode, logits", [("preallocated", "all"), ("gqa", "selected")])
+def test_captured_step_bindings_decode_as_the_per_step_ones(mode, logits):
     """The decode step a CUDA graph replays (``_GraphStep``: every input and output bound once to a buffer of its
     own, inputs refreshed in place), driven on the CPU provider, which has no graph capture but runs the same
-    bindings: it must decode exactly as the per-step bindings do, and reuse its buffers from step to step."""
-    case = exported("llama", "preallocated")
+    bindings: it must decode exactly as the per-step bindings do, and reuse its buffers from step to step. Also
+    for the GroupQueryAttention graph, whose decode mask spans the buffers so that every step has one shape."""
+    case = exported("llama", mode, logits)
     batch = left_pad(random_sequences(3, seed=31, lo=3, hi=8))
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     expected = OrtCausalLM(case.onnx_dir).generate(ids, mask, max_new_tokens=12)
@@ -158,6 +160,7 @@ def test_captured_step_bindings_decode_as_the_per_step_ones():
     replayed.cuda_graph = True  # what cuda_graph=True sets on CUDAExecutionProvider
     assert replayed.generate(ids, mask, max_new_tokens=12).tolist() == expected.tolist()
     (step,) = replayed._graphs.values()
+    assert set(step.inputs) == {n for n in replayed.input_names if not n.startswith("past_key_values.")}
     buffers = {name: value.data_ptr() for name, value in {**step.inputs, **step.outputs}.items()}
     assert replayed.generate(ids, mask, max_new_tokens=12).tolist() == expected.tolist()
     assert list(replayed._graphs.values()) == [step]
@@ -185,10 +188,11 @@ def test_growing_into_a_pool_keeps_its_captured_buffers():
     assert np.abs(grown.logits - expected.logits).max() <= 1e-5
 
 
-@pytest.mark.parametrize("attention", ["explicit", "fused"])
+@pytest.mark.parametrize("attention", ["explicit", "fused", "gqa"])
 def test_per_head_norms_and_explicit_attention_write_the_buffers_too(attention, tmp_path):
-    """Qwen3 (q/k norms per head: the SDPA path of fused attention) and explicit MatMul/Softmax attention write their
-    K/V into the buffers the same way: greedy tokens equal the growing graph's."""
+    """Qwen3 (q/k norms per head: the SDPA path of fused attention, or before the rotary outside the
+    GroupQueryAttention node) and explicit MatMul/Softmax attention write their K/V into the buffers the same way:
+    greedy tokens equal the growing graph's (fused attention for the GroupQueryAttention graph's)."""
     from conftest import build_model, build_tokenizer
 
     from rtexport.models.loading import wrap_model
@@ -202,7 +206,8 @@ def test_per_head_norms_and_explicit_attention_write_the_buffers_too(attention, 
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     tokens = {}
     for kv_cache in ("growing", "preallocated"):
-        path = export_onnx(loaded, tmp_path / kv_cache, mode="static", plan=plan, attention=attention,
-                           kv_cache=kv_cache, save_tokenizer=False)
+        kind = "fused" if (attention, kv_cache) == ("gqa", "growing") else attention
+        path = export_onnx(loaded, tmp_path / kv_cache, mode="static", plan=plan, attention=kind, kv_cache=kv_cache,
+                           logits="selected" if kind == "gqa" else "all", save_tokenizer=False)
         tokens[kv_cache] = OrtCausalLM(path).generate(ids, mask, max_new_tokens=10).tolist()
     assert tokens["preallocated"] == tokens["growing"]
