@@ -223,8 +223,9 @@ def test_genai_runs_the_static_package_like_torch(tmp_path):
 # ---- the real model ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_exports_validate_and_package(tmp_path):
-    """SmolLM2-135M: static (6 attention layers dropped by Attention Drop) and gated (random routers on four
-    layers) exports pass validation at the default float32 tolerances; the static package runs under GenAI."""
+    """SmolLM2-135M: static (6 attention layers dropped by Attention Drop; also as the GroupQueryAttention graph) and
+    gated (random routers on four layers) exports pass validation at the default float32 tolerances; the static
+    package runs under GenAI."""
     import torch
 
     from rtexport.evaluation.parity import torch_greedy
@@ -245,6 +246,12 @@ def test_smollm2_exports_validate_and_package(tmp_path):
     report = validate(model, tmp_path / "static", texts=texts, tokenizer=tok, steps=16)
     report.raise_if_failed()
     pkg = package_ort_gpu(tmp_path / "static", tmp_path / "pkg-static", report)
+    # the same plan as the GPU deployment graph: GroupQueryAttention on a packed preallocated cache
+    export_onnx(loaded, tmp_path / "gqa", mode="static", plan=plan, attention="gqa", kv_cache="preallocated",
+                logits="selected")
+    gqa_report = validate(model, tmp_path / "gqa", texts=texts, tokenizer=tok, steps=16)
+    gqa_report.raise_if_failed()
+    assert gqa_report.details["attention"] == "gqa"
 
     # four routed layers keep the gated export to a few minutes (each If costs the exporter ~10-20 s here)
     routed = RoutedModel.from_model(model, layers=[18, 20, 22, 24])
