@@ -243,18 +243,18 @@ def export_phase(args) -> None:
     (out / "bench.json").write_text(json.dumps(record, indent=1))
 
 
-def agreement(lm, reference_lm, prompt, tokens) -> dict:
+def agreement(lm, reference_lm, prompt, tokens, prompt_mask=None) -> dict:
     """``lm``'s last logits against ``reference_lm``'s at prefill and at each decode step, both fed ``tokens`` (the
-    reference's greedy tokens): the largest difference per phase, the top-1 agreement, and the first step where
-    ``lm``'s own greedy choice differs."""
+    reference's greedy tokens) after ``prompt`` (under ``prompt_mask``: default, no padding): the largest difference
+    per phase, the top-1 agreement, and the first step where ``lm``'s own greedy choice differs (first sequence)."""
     import numpy as np
 
     steps = tokens.shape[1]
     outs = []
     for model in (lm, reference_lm):
-        step = model.forward(prompt, np.ones_like(prompt), last_only=True, capacity=prompt.shape[1] + steps)
+        mask = np.ones_like(prompt) if prompt_mask is None else prompt_mask
+        step = model.forward(prompt, mask, last_only=True, capacity=prompt.shape[1] + steps)
         logits = [step.logits[:, -1].astype(np.float32)]
-        mask = np.ones_like(prompt)
         for n in range(steps - 1):
             mask = np.concatenate([mask, np.ones((prompt.shape[0], 1), dtype=mask.dtype)], axis=1)
             step = model.forward(tokens[:, n:n + 1], mask, cache=step.cache, last_only=True)
@@ -423,6 +423,19 @@ def bench_phase(args) -> None:
                                                                             reference)
             del eager
     print("agreement with the static graph:", json.dumps(log["agreement_with_static"]), flush=True)
+    if args.batch > 1:
+        # a left-padded batch (sequence r loses its first r/8 of the prompt): the packed GroupQueryAttention cache
+        # (each sequence from slot 0, its own write slot at every step) against the static graph's masked one
+        import numpy as np
+
+        padded = np.ones_like(prompt)
+        for r in range(args.batch):
+            padded[r, : r * args.prompt // 8] = 0
+        reference = sessions["static"].generate(prompt, padded, max_new_tokens=32)
+        log["agreement_with_static_left_padded"] = {
+            key: agreement(lm, sessions["static"], prompt, reference, padded)
+            for key, lm in sessions.items() if key != "static" and not lm.gated}
+        print("left-padded batch:", json.dumps(log["agreement_with_static_left_padded"]), flush=True)
     measured = list(sessions)
     del sessions
     if args.placement:
