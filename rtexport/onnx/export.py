@@ -104,18 +104,18 @@ def prefill_select_for_this_torch() -> str:
     return "cond" if (major, minor) >= (2, 13) else "logical"
 
 
-def _dynamic_shapes(spec: GraphSpec, kv_cache: str = "growing", logits: str = "all",
-                    attention: str = "fused") -> tuple[Any, ...]:
+def _dynamic_shapes(graph: DecoderGraph) -> tuple[Any, ...]:
     from torch.export import Dim
 
+    spec = graph.spec
     batch, seq = Dim("batch_size"), Dim("sequence_length")
-    selected = {0: batch, 1: Dim("logits_length")} if logits == "selected" else None
-    if attention == "gqa":
+    selected = {0: batch, 1: Dim("logits_length")} if graph.logits == "selected" else None
+    if graph.attention == "gqa":
         # the mask has its own width (the prompt's length at prefill, the buffers' at decode)
         cache, total = Dim("cache_length"), Dim("total_sequence_length")
         kv = [{0: batch, 2: cache} for _ in range(2 * len(spec.kv_layers))]
         return ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, kv, None, None, None, selected)
-    if kv_cache == "preallocated":
+    if graph.writes_at_cache_position:
         # the mask and every buffer share the cache's length; cache_position is as long as the new tokens
         cache = Dim("cache_length")
         kv = [{0: batch, 2: cache} for _ in range(2 * len(spec.kv_layers))]
@@ -134,16 +134,17 @@ def _dynamic_shapes(spec: GraphSpec, kv_cache: str = "growing", logits: str = "a
     return shapes + (None, selected)
 
 
-def _dim_names(spec: GraphSpec, kv_cache: str = "growing", logits: str = "all",
-               attention: str = "fused") -> dict[str, list[str | None]]:
+def _dim_names(graph: DecoderGraph) -> dict[str, list[str | None]]:
     """Readable names for the symbolic dimensions of every graph input and output (None: a fixed size). A
-    preallocated cache's mask, pasts and presents all span the buffer (``cache_length``); selected logits are as
-    many as their positions (``logits_length``)."""
-    preallocated = kv_cache == "preallocated"
-    scored = "logits_length" if logits == "selected" else "sequence_length"
+    preallocated cache's pasts and presents span the buffer (``cache_length``), and so does its mask where the graph
+    writes at ``cache_position`` (a GroupQueryAttention graph's mask has its own width); selected logits are as many
+    as their positions (``logits_length``)."""
+    spec = graph.spec
+    preallocated = graph.kv_cache == "preallocated"
+    scored = "logits_length" if graph.logits == "selected" else "sequence_length"
     names: dict[str, list[str | None]] = {
         "input_ids": ["batch_size", "sequence_length"],
-        "attention_mask": ["batch_size", "cache_length" if preallocated and attention != "gqa"
+        "attention_mask": ["batch_size", "cache_length" if graph.writes_at_cache_position
                            else "total_sequence_length"],
         "position_ids": ["batch_size", "sequence_length"],
         "logits_positions": ["batch_size", "logits_length"],
@@ -151,7 +152,7 @@ def _dim_names(spec: GraphSpec, kv_cache: str = "growing", logits: str = "all",
         "last_logits": ["batch_size", None],
         "next_token": ["batch_size", None],
     }
-    if preallocated and attention != "gqa":
+    if graph.writes_at_cache_position:
         names["cache_position"] = ["sequence_length"]
     for i in spec.kv_layers:
         past = f"past_sequence_length_{i}" if spec.routes_attention(i) else "past_sequence_length"
@@ -167,16 +168,15 @@ def _dim_names(spec: GraphSpec, kv_cache: str = "growing", logits: str = "all",
     return names
 
 
-def _finish_graph(path: Path, spec: GraphSpec, metadata: dict[str, str], kv_cache: str = "growing",
-                  logits: str = "all", attention: str = "fused") -> None:
+def _finish_graph(path: Path, graph: DecoderGraph, metadata: dict[str, str]) -> None:
     """Name the symbolic dimensions of inputs and outputs and add metadata; the weights file is not touched.
-    A preallocated cache's graph gets its ``TensorScatter`` nodes in the ONNX domain, at opset 24."""
+    A graph that writes its preallocated cache with ``TensorScatter`` gets those nodes in the ONNX domain, at opset 24."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    if kv_cache == "preallocated" and attention != "gqa":
+    if graph.writes_at_cache_position:
         _declare_tensor_scatter(model)
-    names = _dim_names(spec, kv_cache, logits, attention)
+    names = _dim_names(graph)
     for value in list(model.graph.input) + list(model.graph.output):
         wanted = names.get(value.name)
         if wanted is None:
@@ -470,14 +470,14 @@ def export_onnx(
             # torch.export first: handing the ExportedProgram to torch.onnx keeps it from renaming dynamic axes
             # itself (it pairs them with inputs by position, which breaks on the scalar run_layer inputs); the
             # axes get their names in _finish_graph
-            exported = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(spec, kv_cache, logits, attention),
+            exported = torch.export.export(graph, example, dynamic_shapes=_dynamic_shapes(graph),
                                           strict=False)
             program = torch.onnx.export(
                 exported,
                 dynamo=True,
                 input_names=graph.input_names(),
                 output_names=graph.output_names(),
-                opset_version=min(int(opset), PREALLOCATED_OPSET - 1) if kv_cache == "preallocated" else int(opset),
+                opset_version=min(int(opset), PREALLOCATED_OPSET - 1) if graph.writes_at_cache_position else int(opset),
                 external_data=True,
                 optimize=False,
                 verbose=False,
@@ -490,14 +490,14 @@ def export_onnx(
             if not (staging / DATA_NAME).is_file():
                 raise ArtifactMismatch(f"the exporter wrote no {DATA_NAME} next to {GRAPH_NAME}")
             gated_kv = [i for i in spec.kv_layers if spec.routes_attention(i)]
-            _finish_graph(graph_path, spec, {"rtexport.mode": mode, "rtexport.dtype": dtype_name,
+            _finish_graph(graph_path, graph, {"rtexport.mode": mode, "rtexport.dtype": dtype_name,
                                              "rtexport.fingerprint": loaded.fingerprint,
                                              "rtexport.attention": attention,
                                              # layers whose attention sits in an If: their cache is dropped
                                              # while no sequence runs them (read by runtime.OrtCausalLM)
                                              "rtexport.gated_kv_layers": ",".join(map(str, gated_kv)),
                                              "rtexport.kv_cache": kv_cache,
-                                             "rtexport.logits": logits}, kv_cache, logits, attention)
+                                             "rtexport.logits": logits})
             check_graph(graph_path)
             if mode == "gated":
                 _check_gated_layout(graph_path, spec, prefill_select)
