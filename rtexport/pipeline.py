@@ -85,22 +85,11 @@ class PipelineSettings:
         if self.target != "attn" and self.format != "hf":
             raise DataError("ONNX export covers --target attn; use --format hf for mlp or block routing")
         if self.format != "hf":  # a bad --opset/--attention fails now, not after tuning
-            from .onnx.export import OPSETS, resolve_attention
+            from .onnx.export import check_export_options
 
-            if int(self.opset) not in OPSETS:
-                raise DataError(f"--opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {self.opset}")
-            resolve_attention(self.attention, int(self.opset))
-            from .onnx.graph_model import KV_CACHES, LOGITS, PREALLOCATED_OPSET
-
-            if self.logits not in LOGITS:
-                raise DataError(f"--logits must be one of {', '.join(LOGITS)}, got {self.logits!r}")
-            if self.attention == "gqa" and (self.kv_cache, self.logits) != ("preallocated", "selected"):
-                raise DataError("--attention gqa (ONNX Runtime's GroupQueryAttention) needs --kv-cache preallocated "
-                                "and --logits selected")
-            if self.kv_cache not in KV_CACHES:
-                raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
-            if self.kv_cache == "preallocated" and int(self.opset) < PREALLOCATED_OPSET - 1:
-                raise DataError(f"--kv-cache preallocated needs --opset {PREALLOCATED_OPSET - 1} or later")
+            # the static graph's settings (the gated graph is exported with ONNX Attention when these ask for gqa)
+            check_export_options(mode="static", opset=self.opset, attention=self.attention, kv_cache=self.kv_cache,
+                                 logits=self.logits)
 
     def key(self, *names: str) -> str:
         d = asdict(self)

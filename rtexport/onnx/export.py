@@ -333,6 +333,32 @@ def resolve_attention(attention: str, opset: int) -> str:
     return attention
 
 
+def check_export_options(*, mode: str, opset: int, attention: str, kv_cache: str, logits: str) -> str:
+    """Refuse, in one line each, a combination of export settings that cannot be exported; returns the resolved
+    attention. Needs no model, so a pipeline can check its settings before any work."""
+    if mode not in MODES:
+        raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if int(opset) not in OPSETS:
+        raise DataError(f"--opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
+    if kv_cache not in KV_CACHES:
+        raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    if logits not in LOGITS:
+        raise DataError(f"--logits must be one of {', '.join(LOGITS)}, got {logits!r}")
+    if kv_cache == "preallocated":
+        if mode != "static":
+            raise DataError("--kv-cache preallocated is for static graphs (a gated graph drops the cache of layers "
+                            "no sequence runs)")
+        if int(opset) < PREALLOCATED_OPSET - 1:
+            raise DataError(f"--kv-cache preallocated needs --opset {PREALLOCATED_OPSET - 1} or later (its "
+                            f"TensorScatter graph is declared at opset {PREALLOCATED_OPSET}), not {opset}")
+    attention = resolve_attention(attention, int(opset))
+    if attention == "gqa" and (kv_cache, logits) != ("preallocated", "selected"):
+        # the op writes a preallocated cache, packed per sequence, so a batch's last tokens sit at different positions
+        raise DataError("--attention gqa (ONNX Runtime's GroupQueryAttention) needs --kv-cache preallocated and "
+                        "--logits selected")
+    return attention
+
+
 def build_graph_module(
     loaded: Any,
     *,
@@ -348,29 +374,7 @@ def build_graph_module(
 ) -> DecoderGraph:
     """The ``DecoderGraph`` (the module torch.onnx traces) that :func:`export_onnx` exports for these arguments,
     after the same checks. Also what a caller needs to re-create an export's weights on another machine."""
-    if mode not in MODES:
-        raise DataError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if int(opset) not in OPSETS:
-        raise DataError(f"opset must be within {OPSETS.start}-{OPSETS.stop - 1}, got {opset}")
-    if kv_cache not in KV_CACHES:
-        raise DataError(f"--kv-cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
-    if logits not in LOGITS:
-        raise DataError(f"--logits must be one of {', '.join(LOGITS)}, got {logits!r}")
-    if kv_cache == "preallocated":
-        if mode != "static":
-            raise DataError("--kv-cache preallocated is for static graphs (a gated graph drops the cache of layers "
-                            "no sequence runs)")
-        if int(opset) < PREALLOCATED_OPSET - 1:
-            raise DataError(f"--kv-cache preallocated makes an opset-{PREALLOCATED_OPSET} graph (ONNX TensorScatter); "
-                            f"give --opset {PREALLOCATED_OPSET - 1} or {PREALLOCATED_OPSET}, not {opset}")
-    attention = resolve_attention(attention, int(opset))
-    if attention == "gqa":
-        if kv_cache != "preallocated":
-            raise DataError("--attention gqa (ONNX Runtime's GroupQueryAttention) writes a preallocated cache: add "
-                            "--kv-cache preallocated")
-        if logits != "selected":
-            raise DataError("--attention gqa packs each sequence from slot 0, so a batch's last tokens sit at "
-                            "different positions: add --logits selected")
+    attention = check_export_options(mode=mode, opset=opset, attention=attention, kv_cache=kv_cache, logits=logits)
     _, torch_dtype = _canonical_dtype(dtype)
     model = loaded.model
     config = model.config
