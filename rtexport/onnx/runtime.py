@@ -77,7 +77,6 @@ class Cache:
     decisions: np.ndarray | None = None  # (B, R) bool on the host, fixed at prefill
     decisions_value: Any = None  # the same decisions as the graph returned them (an OrtValue when IO-binding)
     active: dict[int, bool] = field(default_factory=dict)  # routed layer -> any sequence runs it
-    filled: np.ndarray | None = None  # packed (GroupQueryAttention) caches: (B,) slots each sequence has filled
 
 
 @dataclass
@@ -219,11 +218,11 @@ class OrtCausalLM:
             for i, pair in self._pools[key].items():
                 for value, old in zip(pair, content[i]):
                     value.update_inplace(self._buffer(b, capacity, old))
-            return Cache(past=dict(self._pools[key]), length=cache.length, capacity=capacity, filled=cache.filled)
+            return Cache(past=dict(self._pools[key]), length=cache.length, capacity=capacity)
         past = self._buffers(b, capacity, content)
         if self.cuda_graph:
             self._pools[key] = dict(past)
-        return Cache(past=past, length=cache.length, capacity=capacity, filled=cache.filled)
+        return Cache(past=past, length=cache.length, capacity=capacity)
 
     def run_flags(self, cache: Cache) -> dict[int, bool]:
         """``run_layer.{i}`` for the next step: all true at prefill, else any sequence of the batch runs ``i``."""
@@ -335,8 +334,7 @@ class OrtCausalLM:
                               position_ids: np.ndarray | None, cache: Cache | None, last_only: bool,
                               capacity: int | None, greedy: bool = False) -> StepOutput:
         b, t = input_ids.shape
-        if cache is None:
-            cache = self.empty_cache(b, t + self.reserve if capacity is None else max(int(capacity), t))
+        cache = cache or self._prefill_cache(b, t, capacity)
         total = cache.length + t
         if total > cache.capacity:
             cache = self._grow(cache, max(total, 2 * cache.capacity))
@@ -376,58 +374,59 @@ class OrtCausalLM:
             options.add_run_config_entry("gpu_graph_id", "-1")
         return self._run_io_binding(feeds, {}, [fetched], buffers, options)[fetched]
 
+    def _prefill_cache(self, batch: int, t: int, capacity: int | None) -> Cache:
+        """The empty preallocated cache a prompt of ``t`` tokens starts from: ``capacity`` slots (at least ``t``),
+        default ``t`` + ``reserve``."""
+        return self.empty_cache(batch, t + self.reserve if capacity is None else max(int(capacity), t))
+
     def _forward_packed(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None,
                         cache: Cache | None, last_only: bool, capacity: int | None, greedy: bool) -> StepOutput:
         """A step of a GroupQueryAttention graph: the caller's layout (any padding) in, packed rows to the graph,
-        logits back in the caller's layout."""
+        logits back in the caller's layout. Each sequence's filled slots are its real tokens so far, which the
+        caller's ``attention_mask`` counts."""
         b, t = input_ids.shape
-        if cache is None:
-            cache = self.empty_cache(b, t + self.reserve if capacity is None else max(int(capacity), t))
-        total = cache.length + t
+        cache = cache or self._prefill_cache(b, t, capacity)
         attention_mask = np.asarray(attention_mask)
-        if attention_mask.shape != (b, total):
-            raise ValueError(f"attention_mask must be (batch, past + new) = {(b, total)}, got {attention_mask.shape}")
-        new_real = attention_mask[:, cache.length:] > 0
-        if cache.filled is None:  # prefill: each row's real tokens to the front (a stable sort keeps their order)
-            order = np.argsort(~new_real, axis=1, kind="stable")
-            counts = new_real.sum(axis=1).astype(np.int64)
-            if not counts.all():
+        if attention_mask.shape != (b, cache.length + t):
+            raise ValueError(f"attention_mask must be (batch, past + new) = {(b, cache.length + t)}, "
+                             f"got {attention_mask.shape}")
+        real = attention_mask > 0
+        filled = real[:, : cache.length].sum(axis=1)
+        lengths = real.sum(axis=1)
+        order = None
+        if cache.length == 0:  # prefill: each row's real tokens to the front (a stable sort keeps their order)
+            if not lengths.all():
                 raise ValueError("every sequence of a prompt needs at least one real token")
-            filled = np.zeros(b, dtype=np.int64)
-            if position_ids is None:
-                position_ids = np.broadcast_to(np.arange(t, dtype=np.int64), (b, t))
-            else:
-                position_ids = np.take_along_axis(np.asarray(position_ids), order, axis=1)
+            order = np.argsort(~real, axis=1, kind="stable")
             input_ids = np.take_along_axis(input_ids, order, axis=1)
-            width = t  # a prompt: the mask is as wide as the step
+            position_ids = (np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)) if position_ids is None
+                            else np.take_along_axis(np.asarray(position_ids), order, axis=1))
         else:
-            if not new_real.all():
+            if not real[:, cache.length:].all():
                 raise ValueError("a GroupQueryAttention graph takes every token after the prompt as real")
             if t > 1 and b > 1:
                 raise ValueError("GroupQueryAttention takes steps of more than one token after the prompt for "
                                  "batch 1 only; decode one token per step")
-            order, counts, filled = None, np.full(b, t, dtype=np.int64), cache.filled
             if position_ids is None:
                 position_ids = filled[:, None] + np.arange(t, dtype=np.int64)
-            # a decode step: the mask spans the buffers (one shape at every step); a longer step, the filled slots
-            width = cache.capacity if t == 1 else int(filled.max()) + t
-        lengths = filled + counts
-        if int(lengths.max()) > cache.capacity or width > cache.capacity:
-            cache = self._grow(cache, max(int(lengths.max()), width, 2 * cache.capacity))
-            width = cache.capacity if t == 1 and cache.filled is not None else width
+        if int(lengths.max()) > cache.capacity:
+            cache = self._grow(cache, max(int(lengths.max()), 2 * cache.capacity))
+        # the mask's width is the op's total_sequence_length: the prompt's at prefill (its "first prompt" rule), the
+        # buffers' at a decode step (one shape at every step), the filled slots at a longer step
+        width = t if order is not None else (cache.capacity if t == 1 else int(lengths.max()))
         mask = (np.arange(width)[None, :] < lengths[:, None]).astype(self.mask_dtype)
-        last = np.maximum(lengths - filled - 1, 0)[:, None]  # each row's last real token in the step
-        positions = last if (last_only or greedy) else np.broadcast_to(np.arange(t, dtype=np.int64), (b, t))
+        last = (lengths - filled - 1)[:, None]  # each row's last real token in the step
+        positions = last if (last_only or greedy) else _logits_positions(b, t, last=False)
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64), "attention_mask": mask,
                  "position_ids": np.ascontiguousarray(position_ids, dtype=self.position_dtype),
                  "logits_positions": np.ascontiguousarray(positions, dtype=np.int64)}
         fetched = self._fetched(last_only, greedy)
         logits_value = self._run_preallocated(cache, feeds, fetched, t)
         logits, next_token = self._read(fetched, logits_value, last_only, greedy)
-        if logits is not None and logits.shape[1] == t and order is not None:
+        if logits is not None and order is not None and logits.shape[1] == t:
             logits = np.take_along_axis(logits, np.argsort(order, axis=1)[:, :, None], axis=1)  # caller's layout
         return StepOutput(logits=logits, next_token=next_token,
-                          cache=Cache(past=cache.past, length=total, capacity=cache.capacity, filled=lengths))
+                          cache=Cache(past=cache.past, length=cache.length + t, capacity=cache.capacity))
 
     def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
         values = self.session.run(wanted, {**feeds, **host})
