@@ -546,9 +546,7 @@ class DecoderGraph(nn.Module):
         The registered ops are called directly (``torch.onnx.ops``'s wrappers are not traceable inside
         ``torch.cond`` branches); in PyTorch they run their reference implementations."""
         onnx_ops = torch.ops.onnx
-        q = onnx_ops.RotaryEmbedding.opset23(layer.q_proj(normed), cos, sin, num_heads=self.num_heads)
-        k = onnx_ops.RotaryEmbedding.opset23(layer.k_proj(normed), cos, sin, num_heads=self.num_kv_heads)
-        v = layer.v_proj(normed)
+        q, k, v = self._rotated_projections(layer, normed, cos, sin)
         scaling = layer.scaling if layer.scaling is not None else self.head_dim**-0.5
         if cache_position is not None:
             # preallocated cache: (B, heads, T, d) views, written into the buffers, attention over the buffers
@@ -564,11 +562,11 @@ class DecoderGraph(nn.Module):
         )
         return layer.o_proj(out), keys, values
 
-    def _gqa_attention(self, layer: _Layer, normed: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                       cos: torch.Tensor, sin: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The attention as one ``GroupQueryAttention`` node on the rotated (B, T, heads x d) projections (q/k
-        norms per head first, where the model has them); the node writes the buffers and returns them."""
+    def _rotated_projections(self, layer: _Layer, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q, k, v)`` as (B, T, heads x d) projections, q and k rotated (per-head q/k norms first, where the model
+        has them): one ONNX ``RotaryEmbedding`` node each when the rotary covers the whole head, else the rotate-half
+        arithmetic on (B, heads, T, d) views."""
         b, t, d = normed.shape[0], normed.shape[1], self.head_dim
         q, k, v = layer.q_proj(normed), layer.k_proj(normed), layer.v_proj(normed)
         if hasattr(layer, "q_norm"):
@@ -577,10 +575,18 @@ class DecoderGraph(nn.Module):
         if self.fused_rotary:
             q = torch.ops.onnx.RotaryEmbedding.opset23(q, cos, sin, num_heads=self.num_heads)
             k = torch.ops.onnx.RotaryEmbedding.opset23(k, cos, sin, num_heads=self.num_kv_heads)
-        else:
-            q = self._rotate(q.view(b, t, -1, d).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1)
-            k = self._rotate(k.view(b, t, -1, d).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1)
-        scaling = layer.scaling if layer.scaling is not None else d**-0.5
+            return q, k, v
+        q = self._rotate(q.view(b, t, -1, d).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1)
+        k = self._rotate(k.view(b, t, -1, d).transpose(1, 2), cos, sin).transpose(1, 2).reshape(b, t, -1)
+        return q, k, v
+
+    def _gqa_attention(self, layer: _Layer, normed: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention as one ``GroupQueryAttention`` node on the rotated projections; the node writes the buffers
+        and returns them."""
+        q, k, v = self._rotated_projections(layer, normed, cos, sin)
+        scaling = layer.scaling if layer.scaling is not None else self.head_dim**-0.5
         out, keys, values = group_query_attention(q, k, v, past_k, past_v, seqlens_k, total, num_heads=self.num_heads,
                                                   kv_num_heads=self.num_kv_heads, scale=scaling)
         return layer.o_proj(out), keys, values
