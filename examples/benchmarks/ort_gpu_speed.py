@@ -243,24 +243,28 @@ def export_phase(args) -> None:
     (out / "bench.json").write_text(json.dumps(record, indent=1))
 
 
-def agreement(lm, reference_lm, prompt, tokens, prompt_mask=None) -> dict:
-    """``lm``'s last logits against ``reference_lm``'s at prefill and at each decode step, both fed ``tokens`` (the
-    reference's greedy tokens) after ``prompt`` (under ``prompt_mask``: default, no padding): the largest difference
-    per phase, the top-1 agreement, and the first step where ``lm``'s own greedy choice differs (first sequence)."""
+def teacher_forced_logits(lm, prompt, tokens, prompt_mask=None):
+    """``lm``'s last logits (B, steps, V) float32 at prefill and at each decode step, fed ``tokens`` after ``prompt``
+    (under ``prompt_mask``: default, no padding)."""
     import numpy as np
 
     steps = tokens.shape[1]
-    outs = []
-    for model in (lm, reference_lm):
-        mask = np.ones_like(prompt) if prompt_mask is None else prompt_mask
-        step = model.forward(prompt, mask, last_only=True, capacity=prompt.shape[1] + steps)
-        logits = [step.logits[:, -1].astype(np.float32)]
-        for n in range(steps - 1):
-            mask = np.concatenate([mask, np.ones((prompt.shape[0], 1), dtype=mask.dtype)], axis=1)
-            step = model.forward(tokens[:, n:n + 1], mask, cache=step.cache, last_only=True)
-            logits.append(step.logits[:, -1].astype(np.float32))
-        outs.append(np.stack(logits, axis=1))  # (B, steps, V)
-    mine, ref = outs
+    mask = np.ones_like(prompt) if prompt_mask is None else prompt_mask
+    step = lm.forward(prompt, mask, last_only=True, capacity=prompt.shape[1] + steps)
+    logits = [step.logits[:, -1].astype(np.float32)]
+    for n in range(steps - 1):
+        mask = np.concatenate([mask, np.ones((prompt.shape[0], 1), dtype=mask.dtype)], axis=1)
+        step = lm.forward(tokens[:, n:n + 1], mask, cache=step.cache, last_only=True)
+        logits.append(step.logits[:, -1].astype(np.float32))
+    return np.stack(logits, axis=1)
+
+
+def agreement(mine, ref, tokens) -> dict:
+    """Teacher-forced logits ``mine`` against the reference's ``ref`` (both fed ``tokens``, the reference's greedy
+    tokens): the largest difference per phase, the top-1 agreement, and the first step where ``mine``'s own greedy
+    choice differs (first sequence)."""
+    import numpy as np
+
     diff = np.abs(mine - ref).max(axis=(0, 2))
     top1 = (mine.argmax(-1) == ref.argmax(-1)).mean(axis=0)
     differs = np.nonzero(mine.argmax(-1)[0] != tokens[0])[0]
@@ -412,15 +416,17 @@ def bench_phase(args) -> None:
     print("greedy tokens match the static graph's:", log["greedy_32_matches_static"], flush=True)
     # where they part, and why: each session's logits against the static graph's on the static graph's own tokens
     # (teacher-forced), at prefill and at every decode step; GroupQueryAttention graphs also without CUDA graphs
+    static_logits = teacher_forced_logits(sessions["static"], prompt, reference)
     log["agreement_with_static"] = {}
     for key, lm in sessions.items():
         if key == "static":
             continue
-        log["agreement_with_static"][key] = agreement(lm, sessions["static"], prompt, reference)
+        log["agreement_with_static"][key] = agreement(teacher_forced_logits(lm, prompt, reference), static_logits,
+                                                      reference)
         if getattr(lm, "packed", False):
             eager = OrtCausalLM(lm.path, providers=providers)
-            log["agreement_with_static"][f"{key}_no_cuda_graph"] = agreement(eager, sessions["static"], prompt,
-                                                                            reference)
+            log["agreement_with_static"][f"{key}_no_cuda_graph"] = agreement(
+                teacher_forced_logits(eager, prompt, reference), static_logits, reference)
             del eager
     print("agreement with the static graph:", json.dumps(log["agreement_with_static"]), flush=True)
     if args.batch > 1:
@@ -432,8 +438,9 @@ def bench_phase(args) -> None:
         for r in range(args.batch):
             padded[r, : r * args.prompt // 8] = 0
         reference = sessions["static"].generate(prompt, padded, max_new_tokens=32)
+        static_logits = teacher_forced_logits(sessions["static"], prompt, reference, padded)
         log["agreement_with_static_left_padded"] = {
-            key: agreement(lm, sessions["static"], prompt, reference, padded)
+            key: agreement(teacher_forced_logits(lm, prompt, reference, padded), static_logits, reference)
             for key, lm in sessions.items() if key != "static" and not lm.gated}
         print("left-padded batch:", json.dumps(log["agreement_with_static_left_padded"]), flush=True)
     measured = list(sessions)
