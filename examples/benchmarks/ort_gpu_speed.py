@@ -273,6 +273,32 @@ def agreement(mine, ref, tokens) -> dict:
             "first_differing_step": int(differs[0]) if differs.size else None}
 
 
+def routers_choosing_plan(loaded, plan: SkipPlan, ids: torch.Tensor) -> tuple[RoutedModel, list[int]]:
+    """Routers on ``plan.candidates`` that skip exactly ``plan.skip`` on the prompt ``ids``: a kept layer's router
+    has weight 0 (score 0.5: run), a skipped one a weight opposite to the prompt's pooled hidden state. Returns the
+    routed model and the layers it skips on ``ids``."""
+    model, candidates, skip = loaded.model, plan.candidates, plan.skip
+    routed = RoutedModel.from_model(model, layers=candidates, base_model_id=loaded.source.model_id)
+    with torch.no_grad(), routed.recording():
+        pooled = {}
+        hooks = []
+        for i in candidates:
+            layer = loaded.adapter.decoder_layers(model)[i].layer
+            norm = loaded.adapter.attention_norm(layer)
+            hooks.append(norm.register_forward_hook(lambda m, a, o, i=i: pooled.__setitem__(i, o.float().mean(dim=(0, 1)))))
+        routed(input_ids=ids)
+        for h in hooks:
+            h.remove()
+        for i in candidates:
+            w = torch.zeros_like(routed.routers[str(i)].proj.weight)
+            if i in skip:
+                w[0] = -pooled[i] / pooled[i].norm() * 8.0
+            routed.routers[str(i)].proj.weight.copy_(w)
+        routed(input_ids=ids)
+        chosen = sorted(i for i, d in routed.decisions().items() if not bool(d.all()))
+    return routed, chosen
+
+
 def bench_phase(args) -> None:
     import onnxruntime as ort
     from graph_weights import fill, graph_module_from_info
@@ -298,25 +324,7 @@ def bench_phase(args) -> None:
            "ort": ort.__version__, "torch": torch.__version__, "batch": args.batch, "prompt": args.prompt,
            "new_tokens": args.new_tokens}
 
-    # routers that pick exactly the plan on this prompt
-    routed = RoutedModel.from_model(model, layers=candidates, base_model_id=loaded.source.model_id)
-    with torch.no_grad(), routed.recording():
-        pooled = {}
-        hooks = []
-        for i in candidates:
-            layer = loaded.adapter.decoder_layers(model)[i].layer
-            norm = loaded.adapter.attention_norm(layer)
-            hooks.append(norm.register_forward_hook(lambda m, a, o, i=i: pooled.__setitem__(i, o.float().mean(dim=(0, 1)))))
-        routed(input_ids=ids.to(args.device))
-        for h in hooks:
-            h.remove()
-        for i in candidates:
-            w = torch.zeros_like(routed.routers[str(i)].proj.weight)
-            if i in skip:
-                w[0] = -pooled[i] / pooled[i].norm() * 8.0
-            routed.routers[str(i)].proj.weight.copy_(w)
-        routed(input_ids=ids.to(args.device))
-        chosen = sorted(i for i, d in routed.decisions().items() if not bool(d.all()))
+    routed, chosen = routers_choosing_plan(loaded, plan, ids.to(args.device))
     log["gated_skips_on_prompt"] = chosen
     print("gated routers skip", chosen, "plan", skip, flush=True)
 
@@ -329,8 +337,12 @@ def bench_phase(args) -> None:
     prealloc = sorted(name for name, info in infos.items() if info.get("kv_cache") == "preallocated")
     modes = ["static", *prealloc, *gated]
     t = time.perf_counter()
+    from rtexport.onnx.phase_graphs import write_phase_graphs
+
     for mode in gated:
         fill(graphs / mode, graph_module_from_info(loaded, graphs / mode, routed=routed))
+        if infos[mode].get("prefill_select") == "cond":  # exports carried without them (older commits) get them here
+            write_phase_graphs(graphs / mode)
     routed.unwrap()
     for mode in ["static", *prealloc]:
         fill(graphs / mode, graph_module_from_info(loaded, graphs / mode, plan=plan))
@@ -362,6 +374,10 @@ def bench_phase(args) -> None:
             key = mode if variant == variants[0] else f"{mode}@{variant}"
             sessions[key] = OrtCausalLM(graphs / mode, providers=providers, session_options=session_options(variant),
                                         cuda_graph=mode in prealloc and args.device == "cuda")
+            if mode in gated and (graphs / mode / "phase_graphs.json").is_file():
+                # the gated export's own single graph too (prefill If around both phases), next to its phase graphs
+                sessions[f"{key}_single"] = OrtCausalLM(graphs / mode, providers=providers,
+                                                        session_options=session_options(variant), phase_graphs=False)
     for mode in gated:  # the gated graph's own routers must choose the plan on that prompt too
         lm = sessions[mode]
         step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)

@@ -2,7 +2,9 @@
 
 The output folder holds ``model.onnx`` with its weights in ``model.onnx.data`` (external data, always: graphs over
 2 GB need it and one layout for every size keeps the loaders and checks the same), the tokenizer files when the model
-has a tokenizer, and ``export_info.json`` that says what made the graph (mode, dtype, opset, layout, versions).
+has a tokenizer, and ``export_info.json`` that says what made the graph (mode, dtype, opset, layout, versions). A
+gated export also holds ``prefill.onnx`` and ``decode.onnx`` (``phase_graphs.py``: the two phases as graphs of
+their own, over the same weights file) and ``phase_graphs.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from ..errors import ArtifactMismatch, DataError
 from ..fsutil import atomic_directory, file_sha256, read_artifact, write_json_atomic
+from .phase_graphs import write_phase_graphs
 from .graph_model import (ATTENTION_KINDS, EXPORT_DOMAIN, KV_CACHES, LOGITS, MODES, PREALLOCATED_OPSET, DecoderGraph,
                           GraphSpec, build_spec)
 
@@ -503,8 +506,11 @@ def export_onnx(
                                              "rtexport.kv_cache": kv_cache,
                                              "rtexport.logits": logits})
             check_graph(graph_path)
+            phase_files: dict[str, Path] = {}
             if mode == "gated":
                 _check_gated_layout(graph_path, spec, prefill_select)
+                if prefill_select == "cond":  # prefill.onnx and decode.onnx: each branch of the prefill If alone
+                    phase_files = write_phase_graphs(staging, GRAPH_NAME)
             if attention == "fused":
                 fused = _count_ops(graph_path, "Attention", subgraphs=True)
                 # a gated graph's prefill If holds the decoder twice (prefill_select "cond"), weights stored once
@@ -532,6 +538,9 @@ def export_onnx(
             info["attention"] = attention
             info["kv_cache"] = kv_cache
             info["logits"] = logits
+            for name, path in phase_files.items():
+                info["files"][name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            info["phase_graphs"] = sorted(phase_files) or None
             info["export_seconds"] = round(time.perf_counter() - started, 1)
             write_json_atomic(staging / INFO_NAME, info)
             make_readable(staging)

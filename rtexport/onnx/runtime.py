@@ -97,10 +97,14 @@ class OrtCausalLM:
         session_options: Any = None,
         cuda_graph: bool = False,
         reserve: int = 256,
+        phase_graphs: bool = True,
     ):
         """``cuda_graph``: replay decode steps as a CUDA graph (a preallocated-cache graph on
         CUDAExecutionProvider; ignored on the CPU). ``reserve``: slots a preallocated cache holds beyond the prompt
-        when the caller gives no ``capacity`` at prefill."""
+        when the caller gives no ``capacity`` at prefill. ``phase_graphs``: for a gated export that has them
+        (``phase_graphs.json``), run prefills through ``prefill.onnx`` and later steps through ``decode.onnx``, two
+        sessions over one copy of the weights (the shared weights are added to ``session_options``); False: run
+        ``path`` for both."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -112,7 +116,20 @@ class OrtCausalLM:
         self.providers = providers or default_providers()
         if cuda_graph:
             self.providers = [_with_cuda_graph(p) for p in self.providers]
-        self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
+        manifest = path.parent / _PHASES_MANIFEST
+        self.phases = phase_graphs and manifest.is_file()
+        if self.phases:  # a gated export's two phase graphs, sharing one copy of the weights
+            device = "cuda" if self.providers and _provider_name(self.providers[0]) == "CUDAExecutionProvider" else "cpu"
+            self._weights = _SharedWeights(manifest, device)
+            session_options = self._weights.add_to(session_options or ort.SessionOptions())
+            graphs = self._weights.graphs
+            self.session = ort.InferenceSession(str(graphs["decode"]), sess_options=session_options,
+                                                providers=self.providers)
+            self._prefill_session = ort.InferenceSession(str(graphs["prefill"]), sess_options=session_options,
+                                                         providers=self.providers)
+        else:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
+            self._prefill_session = self.session
         active = self.session.get_providers()
         self.device_type = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
@@ -290,10 +307,11 @@ class OrtCausalLM:
         wanted = [n for n in self.output_names if n not in _LOGITS and n not in dropped]
         fetched = self._fetched(last_only, greedy)
         wanted.append(fetched)
+        session = self._prefill_session if cache.decisions_value is None else self.session
         if self.io_binding:
-            outputs = self._run_io_binding(feeds, host, wanted)
+            outputs = self._run_io_binding(feeds, host, wanted, session=session)
         else:
-            outputs = self._run_plain(feeds, host, wanted)
+            outputs = self._run_plain(feeds, host, wanted, session=session)
         logits, next_token = self._read(fetched, outputs[fetched], last_only, greedy)
 
         decisions, decisions_value = cache.decisions, cache.decisions_value
@@ -428,15 +446,19 @@ class OrtCausalLM:
         return StepOutput(logits=logits, next_token=next_token,
                           cache=Cache(past=cache.past, length=cache.length + t, capacity=cache.capacity))
 
-    def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
-        values = self.session.run(wanted, {**feeds, **host})
+    def _run_plain(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str],
+                   session: Any = None) -> dict[str, Any]:
+        values = (session or self.session).run(wanted, {**feeds, **host})
         return dict(zip(wanted, values))
 
     def _run_io_binding(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str],
-                        buffers: dict[str, Any] | None = None, options: Any = None) -> dict[str, Any]:
-        """Run with IO binding: ``feeds`` on the device, ``host`` inputs in host memory, ``wanted`` outputs left
-        where ONNX Runtime puts them, ``buffers`` outputs written into the given OrtValues (not returned)."""
-        binding = self.session.io_binding()
+                        buffers: dict[str, Any] | None = None, options: Any = None,
+                        session: Any = None) -> dict[str, Any]:
+        """Run ``session`` (default: the graph's) with IO binding: ``feeds`` on the device, ``host`` inputs in host
+        memory, ``wanted`` outputs left where ONNX Runtime puts them, ``buffers`` outputs written into the given
+        OrtValues (not returned)."""
+        session = session or self.session
+        binding = session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
                 value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device_type, 0)
@@ -447,7 +469,7 @@ class OrtCausalLM:
             binding.bind_ortvalue_output(name, value)
         for name in wanted:  # outputs not bound (the full logits in a generate loop) never leave the device
             binding.bind_output(name, self.device_type, 0)
-        self.session.run_with_iobinding(binding, options)
+        session.run_with_iobinding(binding, options)
         return dict(zip(wanted, binding.get_outputs()[len(buffers or {}):]))
 
     # ---- generation --------------------------------------------------------------------------------------------
@@ -524,6 +546,50 @@ class _GraphStep:
             value.update_inplace(np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]))
         self.session.run_with_iobinding(self.binding, self.options)
         return self.outputs[output]
+
+
+_PHASES_MANIFEST = "phase_graphs.json"  # rtexport.onnx.phase_graphs.MANIFEST_NAME (this module imports no rtexport)
+
+
+class _SharedWeights:
+    """The weights of a gated export's phase graphs, loaded once from the weights file as ``phase_graphs.json``
+    locates them, as OrtValues that do not own their memory (ONNX Runtime then uses them in place, in every session
+    they are added to): on the CPU, views of a read-only memory map; on CUDA, one device copy viewed through DLPack."""
+
+    def __init__(self, manifest: Path, device_type: str):
+        import json
+
+        import onnxruntime as ort
+
+        record = json.loads(manifest.read_text())
+        if record.get("format") != "rtexport.phase_graphs/1":
+            raise ValueError(f"{manifest}: not an rtexport phase-graphs record")
+        folder = manifest.parent
+        self.graphs = {phase: folder / name for phase, name in record["graphs"].items()}
+        maps: dict[str, np.memmap] = {}
+        self._owners: list[Any] = []  # what the shared values view: memory maps' arrays, device copies
+        self.values: dict[str, Any] = {}
+        for e in record["initializers"]:
+            if e["file"] not in maps:
+                maps[e["file"]] = np.memmap(folder / e["file"], dtype=np.uint8, mode="r")
+            array = maps[e["file"]][e["offset"]:e["offset"] + e["length"]].view(np.dtype(e["dtype"]))
+            array = array.reshape(e["dims"])
+            if device_type == "cpu":
+                owner, value = array, ort.OrtValue.ortvalue_from_numpy(array)
+            else:
+                owner = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device_type, 0)
+                value = ort.OrtValue.from_dlpack(owner)
+            self._owners.append(owner)
+            self.values[e["name"]] = value
+
+    def add_to(self, options: Any) -> Any:
+        for name, value in self.values.items():
+            options.add_initializer(name, value)
+        return options
+
+
+def _provider_name(provider: Any) -> str:
+    return provider if isinstance(provider, str) else provider[0]
 
 
 def _with_cuda_graph(provider: Any) -> Any:

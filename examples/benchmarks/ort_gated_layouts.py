@@ -1,0 +1,311 @@
+"""Where a gated graph's decode step loses time against the static graph: the same decode step in three layouts,
+timed side by side on ONNX Runtime with the static graph.
+
+A gated graph (``export_onnx(mode="gated")``) holds its decoder twice inside one ``If`` on the prefill flag; the
+decode branch runs one ``If`` per routed layer on the host input ``run_layer.{i}``. From that graph this script
+derives, by rewriting the ONNX file (no re-export; the weights file is shared):
+
+* ``flat``: the decode branch lifted into the main graph (no prefill ``If``), the per-layer ``If``\\ s kept: what
+  the nesting costs;
+* ``inlined``: ``flat`` with every per-layer ``If`` replaced by the branch the plan takes (taken for a kept layer,
+  the pass-through for a skipped one): the gated decode step's nodes without any ``If``, i.e. what the ``If``\\ s
+  cost. It still has the gated graph's per-sequence ``Where`` and split residual adds, so ``inlined`` against the
+  static graph is what the rest of the gated layout costs.
+
+The derived graphs compute the decode step only (a prefill through them would use the held decisions); the
+benchmark prefills with the gated graph and continues with each layout on that cache. Their greedy tokens must equal
+the gated graph's.
+
+    # here: a tiny check on the CPU (derive, run, compare)
+    python examples/benchmarks/ort_gated_layouts.py selfcheck
+    # on the GPU machine, on graphs from `ort_gpu_speed.py export --modes static,gated` (weights written there)
+    python3 examples/benchmarks/ort_gated_layouts.py bench --graphs graphs-8b --batches 1,8 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+from onnx import helper  # noqa: E402
+
+LAYOUTS = ("flat", "inlined", "flat_max")  # and "part:A-B" (see derive)
+
+
+def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
+    return next(a.g for a in node.attribute if a.name == name)
+
+
+def _route_layer(node: onnx.NodeProto) -> int | None:
+    """The layer of a per-layer ``If`` (its condition is ``run_layer.{i}``), else None."""
+    cond = node.input[0]
+    return int(cond.split(".")[1]) if node.op_type == "If" and cond.startswith("run_layer.") else None
+
+
+def _inline(node: onnx.NodeProto, branch: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """``branch``'s nodes, then one Identity per output renaming it to the ``If`` node's output."""
+    return [*branch.node, *(helper.make_node("Identity", [b.name], [o], name=f"{o}_inlined")
+                            for b, o in zip(branch.output, node.output))]
+
+
+def _part_if(node: onnx.NodeProto, start: int, end: int) -> list[onnx.NodeProto]:
+    """The per-layer ``If`` ``node`` with only its taken branch's nodes ``[start, end)`` left inside; the taken
+    branch's other nodes move before and after it, into the enclosing graph. For timing where a node's cost comes
+    from: both branches hold those nodes, so the result computes the gated graph's step only while every routed
+    layer runs."""
+    taken = _branch(node, "then_branch")
+    body = list(taken.node)
+    before, inside, after = body[:start], body[start:end], body[end:]
+    made = {o for n in inside for o in n.output}
+    wanted = [o for o in dict.fromkeys([*(i for n in after for i in n.input), *(o.name for o in taken.output)])
+              if o in made]
+    dtype = taken.output[0].type.tensor_type.elem_type  # every value handed over is an activation of this type
+
+    def copy_of_inside(suffix: str) -> onnx.GraphProto:
+        # both branches hold the same nodes (so their outputs' shapes agree): the timing needs the taken one only
+        names = {o: f"{o}__{suffix}" for o in made}
+        body = []
+        for n in inside:
+            m = copy.deepcopy(n)
+            m.name = f"{n.name}__{suffix}"
+            m.input[:] = [names.get(i, i) for i in m.input]
+            m.output[:] = [names[o] for o in m.output]
+            body.append(m)
+        return helper.make_graph(body, f"{node.name}_part_{suffix}", [],
+                                 [helper.make_tensor_value_info(names[o], dtype, None) for o in wanted])
+
+    then, other = copy_of_inside("then"), copy_of_inside("else")
+    part = helper.make_node("If", [node.input[0]], wanted, name=f"{node.name}_part", then_branch=then,
+                            else_branch=other)
+    renames = [helper.make_node("Identity", [b.name], [o], name=f"{o}_part_out")
+               for b, o in zip(taken.output, node.output)]
+    return [*before, part, *after, *renames]
+
+
+def _skip_by_max(node: onnx.NodeProto) -> onnx.NodeProto:
+    """The per-layer ``If`` ``node`` whose skip branch returns each value through ``Max(v, v)`` (a kernel that
+    writes the If's output) instead of an ``Identity`` of a value from outside the branch."""
+    node = copy.deepcopy(node)
+    for attr in node.attribute:
+        if attr.name == "else_branch":
+            for n in attr.g.node:
+                if n.op_type == "Identity":
+                    n.op_type = "Max"
+                    n.input.append(n.input[0])
+    return node
+
+
+def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelProto:
+    """The decode step of the gated graph ``model`` in ``layout``: "flat", "inlined" (``skip``: the routed layers
+    no sequence runs), "flat_max" (flat, the skip branches returning through Max) or "part:A-B" (flat, with only the taken branch's nodes A..B-1 inside each per-layer ``If``;
+    valid while every routed layer runs). The result has the gated graph's inputs and outputs and shares its
+    weights."""
+    part = None
+    if layout.startswith("part:"):
+        part = tuple(int(v) for v in layout[5:].split("-"))
+    elif layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} or part:A-B, got {layout!r}")
+    top = [n for n in model.graph.node if n.op_type == "If"]
+    if len(top) != 1:
+        raise ValueError(f"expected one prefill If in the main graph, found {len(top)}")
+    decode = _branch(top[0], "else_branch")
+    nodes: list[onnx.NodeProto] = []
+    for node in decode.node:
+        layer = _route_layer(node)
+        if layout == "inlined" and layer is not None:
+            nodes += _inline(node, _branch(node, "else_branch" if layer in skip else "then_branch"))
+        elif part is not None and layer is not None:
+            nodes += _part_if(node, *part)
+        elif layout == "flat_max" and layer is not None:
+            nodes.append(_skip_by_max(node))
+        else:
+            nodes.append(node)
+    nodes += [helper.make_node("Identity", [b.name], [o], name=f"{o}_out")
+              for b, o in zip(decode.output, top[0].output)]
+    derived = copy.deepcopy(model)
+    del derived.graph.node[:]
+    derived.graph.node.extend(nodes)
+    # values the prefill branch alone read (the routers) stay as unused initializers: ONNX Runtime drops them
+    return derived
+
+
+def write_layouts(gated_dir: Path, skip: set[int], layouts=LAYOUTS) -> dict[str, Path]:
+    """``gated_dir/decode_{layout}.onnx`` for each layout, next to (and reading) the gated graph's weights file."""
+    model = onnx.load(gated_dir / "model.onnx", load_external_data=False)
+    paths = {}
+    for layout in layouts:
+        path = gated_dir / f"decode_{layout.replace(':', '_')}.onnx"
+        onnx.save(derive(model, layout, skip), path)
+        paths[layout] = path
+    return paths
+
+
+def decode_after(prefill_lm, lm, ids: np.ndarray, steps: int) -> tuple[float, np.ndarray]:
+    """ms per token over ``steps`` greedy decode steps through ``lm`` after ``prefill_lm``'s prefill of ``ids``; and
+    the tokens."""
+    mask = np.ones_like(ids)
+    step = prefill_lm.forward(ids, mask, greedy=True)
+    tokens = [step.next_token]
+    start = time.perf_counter()
+    for _ in range(steps):
+        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=mask.dtype)], axis=1)
+        step = lm.forward(step.next_token[:, None], mask, cache=step.cache, greedy=True)
+        tokens.append(step.next_token)
+    return 1000 * (time.perf_counter() - start) / steps, np.stack(tokens, axis=1)
+
+
+def selfcheck(args) -> None:
+    """A tiny random Llama with routers that skip some layers: each layout's greedy tokens equal the gated graph's."""
+    import tempfile
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from conftest import build_model, build_tokenizer
+
+    from ort_gpu_speed import routers_choosing_plan
+
+    from rtexport.models.loading import wrap_model
+    from rtexport.onnx.export import export_onnx
+    from rtexport.onnx.runtime import OrtCausalLM
+    from rtexport.planning import SkipPlan
+
+    model = build_model("llama", num_hidden_layers=6)
+    loaded = wrap_model(model, tokenizer=build_tokenizer(), model_id="tiny-llama")
+    ids = np.random.default_rng(0).integers(0, 250, size=(1, 12), dtype=np.int64)
+    # the routers skip layer 3 (flat, inlined), then run every layer (the part:A-B layouts too)
+    for skip_plan, layouts in (([3], LAYOUTS), ([], (*LAYOUTS, "part:5-6", "part:0-5", "part:6-9"))):
+        plan = SkipPlan(base_model="tiny-llama", fingerprint=loaded.fingerprint, num_layers=6, target="attn",
+                        method="manual", skip=skip_plan, candidates=[2, 3, 4])
+        routed, _ = routers_choosing_plan(loaded, plan, torch.from_numpy(ids))
+        with tempfile.TemporaryDirectory() as work:
+            folder = Path(work) / "gated"
+            export_onnx(loaded, folder, mode="gated", routed=routed)
+            routed.unwrap()
+            gated = OrtCausalLM(folder, providers=["CPUExecutionProvider"])
+            decisions = gated.forward(ids, np.ones_like(ids)).cache.decisions
+            skip = {i for r, i in enumerate(gated.routed_layers) if not decisions[:, r].any()}
+            print("routers skip", sorted(skip))
+            if skip != set(plan.skip):
+                raise SystemExit(f"the routers skip {sorted(skip)}, not the plan's {plan.skip}")
+            paths = write_layouts(folder, skip, layouts)
+            _, reference = decode_after(gated, gated, ids, 16)
+            for layout, path in paths.items():
+                _, tokens = decode_after(gated, OrtCausalLM(path, providers=["CPUExecutionProvider"]), ids, 16)
+                ok = bool((tokens == reference).all())
+                print(layout, "greedy tokens equal the gated graph's:", ok)
+                if not ok:
+                    raise SystemExit(1)
+
+
+def bench(args) -> None:
+    import onnxruntime as ort
+    import torch
+    from graph_weights import fill, graph_module_from_info
+    from ort_gpu_speed import _model_and_plan, routers_choosing_plan
+
+    from rtexport.bench_run import ort_decode_once, ort_prefill_once
+    from rtexport.onnx.runtime import OrtCausalLM
+
+    graphs, out = Path(args.graphs), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = json.loads((graphs / "bench.json").read_text())
+    loaded, plan = _model_and_plan(record["shape"], len(record["skip"]), "cuda", torch.float16)
+    vocab = loaded.model.config.vocab_size
+    batches = [int(b) for b in args.batches.split(",")]
+    prompts = {b: np.random.default_rng(0).integers(0, vocab, size=(b, args.prompt), dtype=np.int64)
+               for b in batches}
+    # --all-run: routers that run every routed layer (the part:A-B layouts need it); the static graph, which skips
+    # the plan's layers, is then not timed
+    router_plan = dataclasses.replace(plan, skip=[]) if args.all_run else plan
+    routed, chosen = routers_choosing_plan(loaded, router_plan, torch.from_numpy(prompts[batches[0]]).cuda())
+    log = {"export": record, "ort": ort.__version__, "torch": torch.__version__, "prompt": args.prompt,
+           "new_tokens": args.new_tokens, "batches": batches, "torch_routers_skip": chosen, "all_run": args.all_run}
+    t = time.perf_counter()
+    fill(graphs / "gated", graph_module_from_info(loaded, graphs / "gated", routed=routed))
+    routed.unwrap()
+    if not args.all_run:
+        fill(graphs / "static", graph_module_from_info(loaded, graphs / "static", plan=plan))
+    log["fill_seconds"] = round(time.perf_counter() - t, 1)
+    del loaded, routed
+    torch.cuda.empty_cache()
+    paths = write_layouts(graphs / "gated", set(router_plan.skip), args.layouts.split(","))
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    static = None if args.all_run else OrtCausalLM(graphs / "static", providers=providers)
+    gated = OrtCausalLM(graphs / "gated", providers=providers)
+    layouts = {name: OrtCausalLM(path, providers=providers) for name, path in paths.items()}
+    results: dict = {}
+    for b in batches:
+        ids = prompts[b]
+        decisions = gated.forward(ids, np.ones_like(ids), greedy=True).cache.decisions
+        log[f"ort_gated_skips_b{b}"] = [i for r, i in enumerate(gated.routed_layers) if not decisions[:, r].any()]
+        _, reference = decode_after(gated, gated, ids, 32)
+        log[f"greedy_32_match_gated_b{b}"] = {
+            name: bool((decode_after(gated, lm, ids, 32)[1] == reference).all()) for name, lm in layouts.items()}
+        timed = ["gated", *layouts] if static is None else ["static", "gated", *layouts]
+        res = {k: {"prefill_samples": [], "decode_samples": []} for k in timed}
+        for lm in [gated] if static is None else [static, gated]:  # warm-up
+            ort_prefill_once(lm, ids)
+            ort_decode_once(lm, ids, args.new_tokens)
+        for lm in layouts.values():
+            decode_after(gated, lm, ids, args.new_tokens)
+        keys = list(res)
+        for round_ in range(args.rounds):
+            shift = round_ % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                if key in ("static", "gated"):
+                    lm = static if key == "static" else gated
+                    res[key]["prefill_samples"] += [ort_prefill_once(lm, ids) for _ in range(args.reps)]
+                    res[key]["decode_samples"].append(ort_decode_once(lm, ids, args.new_tokens))
+                else:
+                    res[key]["decode_samples"].append(decode_after(gated, layouts[key], ids, args.new_tokens)[0])
+            print(f"b{b} round {round_}", {k: round(v["decode_samples"][-1], 3) for k, v in res.items()}, flush=True)
+        for v in res.values():
+            v["decode_ms"] = statistics.median(v["decode_samples"])
+            if v["prefill_samples"]:
+                v["prefill_ms"] = statistics.median(v["prefill_samples"])
+        # against the static graph; with --all-run (no static graph) against the layout without any If
+        ref = "static" if static is not None else "inlined"
+        base = res[ref]
+        res[f"ratios_to_{ref}"] = {
+            k: {"decode": round(res[k]["decode_ms"] / base["decode_ms"], 4),
+                **({"prefill": round(res[k]["prefill_ms"] / base["prefill_ms"], 4)} if "prefill_ms" in res[k] and "prefill_ms" in base else {})}
+            for k in timed if k != ref}
+        print(f"b{b}", json.dumps(res[f"ratios_to_{ref}"]), flush=True)
+        results[f"b{b}"] = res
+    log["results"] = results
+    (out / "ort_gated_layouts.json").write_text(json.dumps(log, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="phase", required=True)
+    sub.add_parser("selfcheck", help="derive the layouts of a tiny gated graph on the CPU and check their tokens")
+    be = sub.add_parser("bench", help="time static, gated and the derived layouts on the GPU")
+    be.add_argument("--graphs", required=True, help="a folder of `ort_gpu_speed.py export` (static and gated)")
+    be.add_argument("--batches", default="1")
+    be.add_argument("--prompt", type=int, default=1024)
+    be.add_argument("--new-tokens", type=int, default=64)
+    be.add_argument("--reps", type=int, default=3)
+    be.add_argument("--rounds", type=int, default=6)
+    be.add_argument("--layouts", default=",".join(LAYOUTS), help="flat, inlined and part:A-B (needs --all-run)")
+    be.add_argument("--all-run", action="store_true",
+                    help="routers that run every routed layer; the static graph is not timed")
+    be.add_argument("--out", default="layouts")
+    args = ap.parse_args()
+    selfcheck(args) if args.phase == "selfcheck" else bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""A gated graph's two phases as graphs of their own: ``prefill.onnx`` and ``decode.onnx``, next to ``model.onnx``.
+
+A gated export (``prefill_select="cond"``) holds its decoder twice, under one ``If`` on the prefill flag: the prefill
+branch runs the routers, the decode branch one ``If`` per routed layer on the host input ``run_layer.{i}``. That
+graph serves both phases on its own, but ONNX Runtime runs every decode step's ~15 nodes per layer as a subgraph,
+which costs more per node than the main graph: on the H200 (Llama-3-8B shape, fp16) the decode step with its
+per-layer ``If``\\ s lifted into the main graph is 5-7% faster than the same step inside the prefill ``If``, and as
+fast as the static graph (``examples/benchmarks/ort_gated_layouts.py``, BENCHMARKS.md).
+
+So the export also writes each branch lifted into a graph of its own: the same inputs, outputs, metadata and node
+names, the initializers that branch reads, and the same weights file (``model.onnx.data``, by reference: no byte of
+weights is written twice). Every routed block is still inside its own ``If`` in both; only the prefill flag's
+``If`` is gone, because the caller (``runtime.OrtCausalLM``) knows which phase it runs. ``phase_graphs.json`` names
+the two graphs and where each weight lies in the weights file, so that the runner (numpy and onnxruntime only)
+loads the weights once and gives the two sessions the same copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtifactMismatch
+
+PHASE_GRAPHS = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
+# what the runner reads to find them and to load their shared weights once (json: the runner imports no onnx)
+MANIFEST_NAME = "phase_graphs.json"
+MANIFEST_FORMAT = "rtexport.phase_graphs/1"
+# TensorProto data types by the names numpy gives them
+_DTYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 9: "bool", 2: "uint8", 3: "int8"}
+# the prefill flag's If: then = the prefill branch, else = the decode branch (graph_model.DecoderGraph.forward)
+_BRANCH = {"prefill": "then_branch", "decode": "else_branch"}
+
+
+def _names_read(graph: Any, into: set[str]) -> set[str]:
+    """Every value name a node of ``graph`` or of its subgraphs reads."""
+    for node in graph.node:
+        into.update(node.input)
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                _names_read(attr.g, into)
+            for g in attr.graphs:
+                _names_read(g, into)
+    return into
+
+
+def lift_phase(model: Any, phase: str) -> Any:
+    """``model`` (a gated graph with the prefill flag's ``If``, weights not loaded) with that ``If``'s ``phase``
+    branch as its main graph. Raises ``ArtifactMismatch`` for any other layout."""
+    from onnx import helper
+
+    if phase not in PHASE_GRAPHS:
+        raise ValueError(f"phase must be one of {sorted(PHASE_GRAPHS)}, got {phase!r}")
+    flags = [n for n in model.graph.node if n.op_type == "If"]
+    if len(flags) != 1 or len(flags[0].output) != len(model.graph.output):
+        raise ArtifactMismatch("not a gated graph with one prefill If around its decoder (prefill_select 'cond')")
+    flag = flags[0]
+    branch = next(a.g for a in flag.attribute if a.name == _BRANCH[phase])
+    lifted = copy.deepcopy(model)
+    graph = lifted.graph
+    del graph.node[:]
+    graph.node.extend(branch.node)
+    # the branch's results under the graph's output names (a value cannot keep both names)
+    graph.node.extend(helper.make_node("Identity", [b.name], [o], name=f"{o}_{phase}")
+                      for b, o in zip(branch.output, flag.output))
+    read = _names_read(graph, set())
+    kept = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.value_info[:]
+    return lifted
+
+
+def external_initializers(model: Any) -> list[dict[str, Any]]:
+    """Where each initializer of ``model`` stored in an external data file lies: name, file, offset, length, dims,
+    numpy dtype (types numpy cannot hold are left out: ONNX Runtime loads those itself)."""
+    import onnx
+
+    found = []
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in _DTYPES:
+            continue
+        kv = {e.key: e.value for e in t.external_data}
+        found.append({"name": t.name, "file": kv["location"], "offset": int(kv.get("offset", 0)),
+                      "length": int(kv["length"]), "dims": [int(d) for d in t.dims], "dtype": _DTYPES[t.data_type]})
+    return found
+
+
+def write_phase_graphs(folder: str | Path, graph_name: str = "model.onnx") -> dict[str, Path]:
+    """``prefill.onnx``, ``decode.onnx`` and ``phase_graphs.json`` from ``folder/graph_name`` (a gated export),
+    each written atomically; returns the files' paths by name."""
+    import onnx
+
+    from ..fsutil import write_bytes_atomic, write_json_atomic
+
+    folder = Path(folder)
+    model = onnx.load(str(folder / graph_name), load_external_data=False)
+    paths, shared = {}, {}
+    for phase, name in PHASE_GRAPHS.items():
+        lifted = lift_phase(model, phase)
+        shared.update({e["name"]: e for e in external_initializers(lifted)})
+        paths[name] = write_bytes_atomic(folder / name, lifted.SerializeToString())
+        onnx.checker.check_model(str(paths[name]))  # by path: it finds the weights file next to the graph
+    manifest = {"format": MANIFEST_FORMAT, "graphs": PHASE_GRAPHS, "initializers": list(shared.values())}
+    paths[MANIFEST_NAME] = write_json_atomic(folder / MANIFEST_NAME, manifest)
+    return paths
