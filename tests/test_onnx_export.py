@@ -233,7 +233,7 @@ def test_gated_prefill_runs_only_the_sub_blocks_some_sequence_needs():
                                                                                                np.float32)
         feeds.update({f"run_layer.{i}": np.array(True) for i in ROUTED_LAYERS})
         names = ["decisions"] + [f"present.{i}.key" for i in ROUTED_LAYERS]
-        decisions, *presents = ort_model.session.run(names, feeds)
+        decisions, *presents = ort_model.prefill_session.run(names, feeds)
         assert decisions.tolist() == [list(pattern)] * 2
         for r, present in enumerate(presents):
             assert present.shape == (2, 2, ids.shape[1] if pattern[r] else 0, 16), (pattern, r)

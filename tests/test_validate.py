@@ -43,6 +43,11 @@ def test_validate_passes_and_reports(mode, tmp_path):
     names = [c.name for c in report.checks]
     assert names[:4] == ["max_abs_logits_diff", "top1_agreement", "greedy_agreement", "perplexity_rel_diff"]
     assert ("decision_agreement" in names) == (mode == "gated")
+    # a gated export's phase graphs are what the runner runs; model.onnx alone is checked against them
+    assert ("single_graph_agreement" in names) == (mode == "gated")
+    assert report.details["graphs"] == (["prefill.onnx", "decode.onnx"] if mode == "gated" else ["model.onnx"])
+    if mode == "gated":
+        assert report.check("single_graph_agreement").value == 1.0
     assert report.check("max_abs_logits_diff").tolerance == 1e-4
     assert report.check("greedy_agreement").value == 1.0
     assert report.sequences == len(TEXTS) and report.real_tokens > 0

@@ -1,4 +1,4 @@
-"""Where a gated graph's decode step loses time against the static graph: the same decode step in three layouts,
+"""Where a gated graph's decode step loses time against the static graph: the same decode step in other layouts,
 timed side by side on ONNX Runtime with the static graph.
 
 A gated graph (``export_onnx(mode="gated")``) holds its decoder twice inside one ``If`` on the prefill flag; the
@@ -6,11 +6,15 @@ decode branch runs one ``If`` per routed layer on the host input ``run_layer.{i}
 derives, by rewriting the ONNX file (no re-export; the weights file is shared):
 
 * ``flat``: the decode branch lifted into the main graph (no prefill ``If``), the per-layer ``If``\\ s kept: what
-  the nesting costs;
+  the nesting costs (the export's own ``decode.onnx`` since this measurement: ``rtexport/onnx/phase_graphs.py``);
 * ``inlined``: ``flat`` with every per-layer ``If`` replaced by the branch the plan takes (taken for a kept layer,
   the pass-through for a skipped one): the gated decode step's nodes without any ``If``, i.e. what the ``If``\\ s
   cost. It still has the gated graph's per-sequence ``Where`` and split residual adds, so ``inlined`` against the
   static graph is what the rest of the gated layout costs.
+* ``flat_max``: ``flat`` whose skip branches return each value through ``Max(v, v)`` instead of an ``Identity`` of
+  an outer value: what that ``Identity`` costs;
+* ``part:A-B`` (with ``--all-run``): ``flat`` with only the taken branch's nodes A..B-1 inside each ``If`` and the
+  others moved out: which node kinds cost more inside an ``If``.
 
 The derived graphs compute the decode step only (a prefill through them would use the held decisions); the
 benchmark prefills with the gated graph and continues with each layout on that cache. Their greedy tokens must equal
@@ -107,21 +111,21 @@ def _skip_by_max(node: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelProto:
-    """The decode step of the gated graph ``model`` in ``layout``: "flat", "inlined" (``skip``: the routed layers
-    no sequence runs), "flat_max" (flat, the skip branches returning through Max) or "part:A-B" (flat, with only the taken branch's nodes A..B-1 inside each per-layer ``If``;
-    valid while every routed layer runs). The result has the gated graph's inputs and outputs and shares its
-    weights."""
+    """The decode step of the gated graph ``model`` in ``layout``: "flat" (the export's own ``decode.onnx``:
+    ``rtexport.onnx.phase_graphs.lift_phase``), "inlined" (``skip``: the routed layers no sequence runs), "flat_max"
+    (flat, the skip branches returning through Max) or "part:A-B" (flat, with only the taken branch's nodes A..B-1
+    inside each per-layer ``If``; valid while every routed layer runs). The result has the gated graph's inputs and
+    outputs and shares its weights."""
+    from rtexport.onnx.phase_graphs import lift_phase
+
     part = None
     if layout.startswith("part:"):
         part = tuple(int(v) for v in layout[5:].split("-"))
     elif layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS} or part:A-B, got {layout!r}")
-    top = [n for n in model.graph.node if n.op_type == "If"]
-    if len(top) != 1:
-        raise ValueError(f"expected one prefill If in the main graph, found {len(top)}")
-    decode = _branch(top[0], "else_branch")
+    derived = lift_phase(model, "decode")
     nodes: list[onnx.NodeProto] = []
-    for node in decode.node:
+    for node in derived.graph.node:
         layer = _route_layer(node)
         if layout == "inlined" and layer is not None:
             nodes += _inline(node, _branch(node, "else_branch" if layer in skip else "then_branch"))
@@ -131,12 +135,8 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
             nodes.append(_skip_by_max(node))
         else:
             nodes.append(node)
-    nodes += [helper.make_node("Identity", [b.name], [o], name=f"{o}_out")
-              for b, o in zip(decode.output, top[0].output)]
-    derived = copy.deepcopy(model)
     del derived.graph.node[:]
     derived.graph.node.extend(nodes)
-    # values the prefill branch alone read (the routers) stay as unused initializers: ONNX Runtime drops them
     return derived
 
 
@@ -229,7 +229,9 @@ def bench(args) -> None:
     # --all-run: routers that run every routed layer (the part:A-B layouts need it); the static graph, which skips
     # the plan's layers, is then not timed
     router_plan = dataclasses.replace(plan, skip=[]) if args.all_run else plan
-    routed, chosen = routers_choosing_plan(loaded, router_plan, torch.from_numpy(prompts[batches[0]]).cuda())
+    # set on the largest batch's prompt (each smaller prompt is its first rows): set on one sequence, routers can
+    # leave a larger batch's other sequences running the plan's layers (the first run's b8 rows did)
+    routed, chosen = routers_choosing_plan(loaded, router_plan, torch.from_numpy(prompts[max(batches)]).cuda())
     log = {"export": record, "ort": ort.__version__, "torch": torch.__version__, "prompt": args.prompt,
            "new_tokens": args.new_tokens, "batches": batches, "torch_routers_skip": chosen, "all_run": args.all_run}
     t = time.perf_counter()
@@ -243,13 +245,16 @@ def bench(args) -> None:
     paths = write_layouts(graphs / "gated", set(router_plan.skip), args.layouts.split(","))
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     static = None if args.all_run else OrtCausalLM(graphs / "static", providers=providers)
-    gated = OrtCausalLM(graphs / "gated", providers=providers)
+    gated = OrtCausalLM(graphs / "gated", providers=providers, phase_graphs=False)  # model.onnx alone
     layouts = {name: OrtCausalLM(path, providers=providers) for name, path in paths.items()}
     results: dict = {}
     for b in batches:
         ids = prompts[b]
         decisions = gated.forward(ids, np.ones_like(ids), greedy=True).cache.decisions
         log[f"ort_gated_skips_b{b}"] = [i for r, i in enumerate(gated.routed_layers) if not decisions[:, r].any()]
+        if log[f"ort_gated_skips_b{b}"] != sorted(router_plan.skip):
+            print(f"b{b}: the routers skip {log[f'ort_gated_skips_b{b}']}, not the plan's {router_plan.skip}: "
+                  "the gated rows run other layers than the static graph", flush=True)
         _, reference = decode_after(gated, gated, ids, 32)
         log[f"greedy_32_match_gated_b{b}"] = {
             name: bool((decode_after(gated, lm, ids, 32)[1] == reference).all()) for name, lm in layouts.items()}

@@ -314,7 +314,7 @@ def bench_phase(args) -> None:
     t0 = time.perf_counter()
     loaded, plan = _model_and_plan(record["shape"], len(record["skip"]), args.device, dtype)
     assert plan.skip == record["skip"] and plan.candidates == record["candidates"], (plan, record)
-    model, skip, candidates = loaded.model, plan.skip, plan.candidates
+    model, skip = loaded.model, plan.skip
     vocab = model.config.vocab_size
     # the prompt the ORT timings use (rtexport.bench_run's, seed 0): the routers are set on it
     import numpy as np
@@ -378,6 +378,10 @@ def bench_phase(args) -> None:
                 # the gated export's own single graph too (prefill If around both phases), next to its phase graphs
                 sessions[f"{key}_single"] = OrtCausalLM(graphs / mode, providers=providers,
                                                         session_options=session_options(variant), phase_graphs=False)
+                if args.unshared:  # the phase graphs with a copy of the weights each
+                    sessions[f"{key}_unshared"] = OrtCausalLM(graphs / mode, providers=providers,
+                                                              session_options=session_options(variant),
+                                                              share_weights=False)
     for mode in gated:  # the gated graph's own routers must choose the plan on that prompt too
         lm = sessions[mode]
         step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)
@@ -535,6 +539,8 @@ def main() -> None:
                          + ", ".join(SESSION_VARIANTS))
     be.add_argument("--profile", action="store_true",
                     help="also profile 16 decode steps of each graph with ONNX Runtime's profiler (time per op type)")
+    be.add_argument("--unshared", action="store_true",
+                    help="also time a gated export's phase graphs with a copy of the weights each")
     ps = sub.add_parser("profile-summary", help="summarise saved ORT profiles of bench --profile")
     ps.add_argument("profiles", nargs="+")
     ps.add_argument("--steps", type=int, default=16, help="decode steps the profile holds (bench --profile: 16)")

@@ -372,6 +372,11 @@ def validate(
         raise DataError("validation needs at least one batch of tokens")
 
     ort_model = OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding)
+    # a gated export with phase graphs: the runner runs those; model.onnx, which serves both phases alone, is checked
+    # against them (the same logits, the same greedy tokens)
+    single = (OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding, phase_graphs=False)
+              if ort_model.phases else None)
+    single_diff, single_same = 0.0, 0
     gated = info["mode"] == "gated"
     max_diff, top1_hits, real = 0.0, 0, 0
     nll_t, nll_o, nll_n = 0.0, 0.0, 0
@@ -404,6 +409,12 @@ def validate(
                         dec_total += len(mine)
                 ref_tokens = torch_greedy(model, ids, mask, steps)
                 onnx_tokens = torch.from_numpy(ort_model.generate(ids.numpy(), mask.numpy(), max_new_tokens=steps))
+                if single is not None:
+                    alone = single.forward(ids.numpy(), mask.numpy()).logits.astype(np.float32)
+                    gap = np.abs(alone - step.logits.astype(np.float32))[keep.numpy()]
+                    single_diff = max(single_diff, float(gap.max()))
+                    tokens = single.generate(ids.numpy(), mask.numpy(), max_new_tokens=steps)
+                    single_same += int((tokens == onnx_tokens.numpy()).all(axis=1).sum())
                 share, full = _prefix_agreement(onnx_tokens, ref_tokens)
                 greedy_share += share * ids.shape[0]
                 greedy_full += full
@@ -429,6 +440,11 @@ def validate(
         share = dec_hits / max(dec_total, 1)
         checks.append(Check("decision_agreement", share, tol["decisions"], share >= tol["decisions"], True,
                             f"{dec_hits}/{dec_total} (sequence, layer) decisions"))
+    if single is not None:
+        share = single_same / max(sequences, 1)
+        checks.append(Check("single_graph_agreement", share, 1.0, share >= 1.0 and single_diff <= tol["atol"], True,
+                            f"model.onnx against prefill.onnx + decode.onnx: {single_same}/{sequences} greedy "
+                            f"sequences identical, max |logits diff| {single_diff:.2e}"))
     return ParityReport(
         onnx_dir=str(onnx_dir),
         mode=info["mode"],
@@ -440,6 +456,7 @@ def validate(
         checks=checks,
         details={"perplexity_torch": ppl_t, "perplexity_onnx": ppl_o, "scored_tokens": nll_n, "batches": per_batch,
                  "tolerances": tol, "kv_cache": info.get("kv_cache", "growing"),
-                 "attention": info.get("attention"), "logits": info.get("logits", "all")},
+                 "attention": info.get("attention"), "logits": info.get("logits", "all"),
+                 "graphs": ["prefill.onnx", "decode.onnx"] if ort_model.phases else ["model.onnx"]},
         seconds=round(time.perf_counter() - started, 2),
     )

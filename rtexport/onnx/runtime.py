@@ -98,13 +98,17 @@ class OrtCausalLM:
         cuda_graph: bool = False,
         reserve: int = 256,
         phase_graphs: bool = True,
+        share_weights: bool = True,
     ):
         """``cuda_graph``: replay decode steps as a CUDA graph (a preallocated-cache graph on
         CUDAExecutionProvider; ignored on the CPU). ``reserve``: slots a preallocated cache holds beyond the prompt
         when the caller gives no ``capacity`` at prefill. ``phase_graphs``: for a gated export that has them
         (``phase_graphs.json``), run prefills through ``prefill.onnx`` and later steps through ``decode.onnx``, two
         sessions over one copy of the weights (the shared weights are added to ``session_options``); False: run
-        ``path`` for both."""
+        ``path`` for both. ``share_weights=False``: each phase session loads the weights itself (two copies).
+
+        ``session`` runs the steps after a prefill (``decode.onnx`` with phase graphs), ``prefill_session`` the
+        prefills (``prefill.onnx``); without phase graphs both are the session of ``path``."""
         import onnxruntime as ort
 
         path = Path(path)
@@ -120,16 +124,16 @@ class OrtCausalLM:
         self.phases = phase_graphs and manifest.is_file()
         if self.phases:  # a gated export's two phase graphs, sharing one copy of the weights
             device = "cuda" if self.providers and _provider_name(self.providers[0]) == "CUDAExecutionProvider" else "cpu"
-            self._weights = _SharedWeights(manifest, device)
+            self._weights = _SharedWeights(manifest, device, load=share_weights)
             session_options = self._weights.add_to(session_options or ort.SessionOptions())
             graphs = self._weights.graphs
             self.session = ort.InferenceSession(str(graphs["decode"]), sess_options=session_options,
                                                 providers=self.providers)
-            self._prefill_session = ort.InferenceSession(str(graphs["prefill"]), sess_options=session_options,
+            self.prefill_session = ort.InferenceSession(str(graphs["prefill"]), sess_options=session_options,
                                                          providers=self.providers)
         else:
             self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
-            self._prefill_session = self.session
+            self.prefill_session = self.session
         active = self.session.get_providers()
         self.device_type = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
@@ -307,7 +311,7 @@ class OrtCausalLM:
         wanted = [n for n in self.output_names if n not in _LOGITS and n not in dropped]
         fetched = self._fetched(last_only, greedy)
         wanted.append(fetched)
-        session = self._prefill_session if cache.decisions_value is None else self.session
+        session = self.prefill_session if cache.decisions_value is None else self.session
         if self.io_binding:
             outputs = self._run_io_binding(feeds, host, wanted, session=session)
         else:
@@ -556,7 +560,7 @@ class _SharedWeights:
     locates them, as OrtValues that do not own their memory (ONNX Runtime then uses them in place, in every session
     they are added to): on the CPU, views of a read-only memory map; on CUDA, one device copy viewed through DLPack."""
 
-    def __init__(self, manifest: Path, device_type: str):
+    def __init__(self, manifest: Path, device_type: str, load: bool = True):
         import json
 
         import onnxruntime as ort
@@ -569,7 +573,7 @@ class _SharedWeights:
         maps: dict[str, np.memmap] = {}
         self._owners: list[Any] = []  # what the shared values view: memory maps' arrays, device copies
         self.values: dict[str, Any] = {}
-        for e in record["initializers"]:
+        for e in record["initializers"] if load else []:
             if e["file"] not in maps:
                 maps[e["file"]] = np.memmap(folder / e["file"], dtype=np.uint8, mode="r")
             array = maps[e["file"]][e["offset"]:e["offset"] + e["length"]].view(np.dtype(e["dtype"]))

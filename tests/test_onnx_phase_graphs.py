@@ -1,0 +1,152 @@
+"""Stage: a gated export's phase graphs, ``prefill.onnx`` and ``decode.onnx`` (``rtexport.onnx.phase_graphs``): each
+branch of the prefill flag's ``If`` lifted into a graph of its own, over the same weights file, and ``OrtCausalLM``
+running them as two sessions over one copy of the weights (why: the decode step's per-node cost inside the prefill
+``If``, measured on the GPU machine, BENCHMARKS.md).
+
+Here, under ONNX Runtime's CPU provider: the files and the export record, the layout (no prefill ``If``, one ``If``
+per routed layer, the gated graph's inputs, outputs and metadata, no weights inside), logits and greedy tokens equal
+to the single gated graph's for padded batches, the weights loaded once and handed to both sessions, the package and
+its standalone runner, and the refusal of graphs without the prefill ``If``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx_cases import ROUTED_LAYERS, exported, random_sequences, right_pad
+
+from rtexport.errors import ArtifactMismatch
+from rtexport.evaluation.parity import left_pad, validate
+from rtexport.onnx.export import load_export_info
+from rtexport.onnx.phase_graphs import MANIFEST_NAME, PHASE_GRAPHS, lift_phase
+from rtexport.onnx.runtime import OrtCausalLM
+
+ARCHS = ("llama", "qwen2")
+
+
+def _ifs(graph):
+    return [n for n in graph.node if n.op_type == "If"]
+
+
+def test_export_writes_and_records_the_phase_graphs():
+    case = exported("llama", "gated")
+    info = load_export_info(case.onnx_dir)
+    assert info["phase_graphs"] == sorted([*PHASE_GRAPHS.values(), MANIFEST_NAME])
+    for name in info["phase_graphs"]:
+        assert info["files"][name]["sha256"]
+    gated = onnx.load(case.onnx_dir / "model.onnx", load_external_data=False)
+    manifest = json.loads((case.onnx_dir / MANIFEST_NAME).read_text())
+    assert manifest["graphs"] == PHASE_GRAPHS
+    stored = {t.name for t in gated.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert {e["name"] for e in manifest["initializers"]} == stored
+    assert {e["file"] for e in manifest["initializers"]} == {"model.onnx.data"}
+    for phase, name in PHASE_GRAPHS.items():
+        graph = onnx.load(case.onnx_dir / name, load_external_data=False)
+        # the prefill flag's If is gone; each routed layer keeps its own If
+        ifs = _ifs(graph.graph)
+        assert len(ifs) == len(ROUTED_LAYERS)
+        if phase == "decode":  # on the host input the caller sets, never on a value the graph computes
+            assert sorted(n.input[0] for n in ifs) == [f"run_layer.{i}" for i in ROUTED_LAYERS]
+        assert [i.name for i in graph.graph.input] == [i.name for i in gated.graph.input]
+        assert [o.name for o in graph.graph.output] == [o.name for o in gated.graph.output]
+        assert {p.key: p.value for p in graph.metadata_props} == {p.key: p.value for p in gated.metadata_props}
+        # the weights stay in model.onnx.data, read by reference
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer if t.name in stored)
+        assert (case.onnx_dir / name).stat().st_size < 2 * (case.onnx_dir / "model.onnx").stat().st_size
+    # the decode graph reads no router
+    decode = onnx.load(case.onnx_dir / "decode.onnx", load_external_data=False)
+    assert not [t.name for t in decode.graph.initializer if "router" in t.name]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pad", [right_pad, left_pad])
+def test_phase_graphs_compute_what_the_single_graph_computes(arch, pad):
+    case = exported(arch, "gated")
+    phases = OrtCausalLM(case.onnx_dir)
+    single = OrtCausalLM(case.onnx_dir, phase_graphs=False)
+    assert phases.phases and not single.phases
+    batch = pad(random_sequences(3, seed=5, lo=3, hi=9))
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    a, b = phases.forward(ids, mask), single.forward(ids, mask)
+    real = mask.astype(bool)
+    assert np.abs(a.logits - b.logits)[real].max() <= 1e-5
+    assert (a.cache.decisions == b.cache.decisions).all()
+    for _ in range(3):  # decode steps through the caches each built
+        token = a.logits[:, -1].argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((3, 1), mask.dtype)], axis=1)
+        a, b = phases.forward(token, mask, cache=a.cache), single.forward(token, mask, cache=b.cache)
+        assert np.abs(a.logits - b.logits).max() <= 1e-5
+    want = single.generate(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), max_new_tokens=16)
+    got = phases.generate(batch["input_ids"].numpy(), batch["attention_mask"].numpy(), max_new_tokens=16)
+    assert got.tolist() == want.tolist()
+
+
+def test_the_weights_are_loaded_once_for_both_sessions():
+    case = exported("llama", "gated")
+    lm = OrtCausalLM(case.onnx_dir)
+    manifest = json.loads((case.onnx_dir / MANIFEST_NAME).read_text())
+    assert set(lm._weights.values) == {e["name"] for e in manifest["initializers"]}
+    # views of one read-only map of the weights file: no copy made here
+    data = np.memmap(case.onnx_dir / "model.onnx.data", dtype=np.uint8, mode="r")
+    for e in manifest["initializers"][:5]:
+        value = lm._weights.values[e["name"]]
+        want = np.asarray(data[e["offset"]:e["offset"] + e["length"]]).view(e["dtype"]).reshape(e["dims"])
+        assert np.array_equal(value.numpy(), want)
+    assert lm.prefill_session is not lm.session
+    # each session loading its own copy computes the same
+    ids = np.random.default_rng(0).integers(0, 256, size=(2, 7))
+    unshared = OrtCausalLM(case.onnx_dir, share_weights=False)
+    assert not unshared._weights.values
+    assert unshared.generate(ids, max_new_tokens=8).tolist() == lm.generate(ids, max_new_tokens=8).tolist()
+
+
+def test_package_ships_them_and_its_runner_uses_them(tmp_path, monkeypatch):
+    from rtexport.onnx.package import package_ort_gpu
+
+    case = exported("llama", "gated")
+    batches = [right_pad(random_sequences(3, seed=s, lo=4, hi=9)) for s in (1, 2)]
+    report = validate(case.routed, case.onnx_dir, token_batches=batches, steps=8)
+    assert report.passed, report.checks
+    out = package_ort_gpu(case.onnx_dir, tmp_path / "pkg", report)
+    for name in (*PHASE_GRAPHS.values(), MANIFEST_NAME):
+        assert (out / name).is_file()
+    assert "decode.onnx" in (out / "README.md").read_text()
+    spec = importlib.util.spec_from_file_location("packaged_run_ort", out / "run_ort.py")
+    runner = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, runner)  # its dataclasses look their module up
+    spec.loader.exec_module(runner)  # the package's standalone runner: numpy and onnxruntime only
+    lm = runner.OrtCausalLM(out, providers=["CPUExecutionProvider"])
+    assert lm.phases
+    ids = np.random.default_rng(1).integers(0, 256, size=(1, 6))
+    want = OrtCausalLM(case.onnx_dir, phase_graphs=False).generate(ids, max_new_tokens=8)
+    assert lm.generate(ids, max_new_tokens=8).tolist() == want.tolist()
+
+
+def test_graphs_without_the_prefill_if_are_refused():
+    static = onnx.load(exported("llama", "static").onnx_dir / "model.onnx", load_external_data=False)
+    with pytest.raises(ArtifactMismatch, match="prefill If"):
+        lift_phase(static, "decode")
+    gated = onnx.load(exported("llama", "gated").onnx_dir / "model.onnx", load_external_data=False)
+    with pytest.raises(ValueError, match="phase must be"):
+        lift_phase(gated, "both")
+
+
+def test_validate_catches_a_decode_graph_that_differs_from_model_onnx(tmp_path):
+    import shutil
+
+    case = exported("llama", "gated")
+    broken = tmp_path / "broken"
+    shutil.copytree(case.onnx_dir, broken)
+    graph = onnx.load(broken / "decode.onnx", load_external_data=False)
+    add = next(n for n in graph.graph.node if n.op_type == "Add")  # a residual add: Sub keeps the file's size
+    add.op_type = "Sub"
+    (broken / "decode.onnx").write_bytes(graph.SerializeToString())
+    batches = [right_pad(random_sequences(3, seed=1, lo=4, hi=9))]
+    report = validate(case.routed, broken, token_batches=batches, steps=4)
+    assert not report.passed
+    assert report.check("single_graph_agreement").passed is False
