@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from ort_if_cost import median_run_us
 
 F16 = TensorProto.FLOAT16
 OPS = ("Neg", "Where", "RMSNormalization", "RotaryEmbedding", "Attention", "MatMul", "AttentionKV")
@@ -148,14 +147,7 @@ def time_model(model: bytes, s: Shape, runs: int, provider: str, condition: bool
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, place, 0))
     for out in session.get_outputs():
         binding.bind_output(out.name, device, 0)
-    for _ in range(10):
-        session.run_with_iobinding(binding)
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        session.run_with_iobinding(binding)
-        samples.append(1e6 * (time.perf_counter() - t))
-    return statistics.median(samples)
+    return median_run_us(session, binding, warmup=10, runs=runs)
 
 
 def main() -> None:
