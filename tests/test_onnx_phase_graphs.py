@@ -1,12 +1,13 @@
 """Stage: a gated export's phase graphs, ``prefill.onnx`` and ``decode.onnx`` (``rtexport.onnx.phase_graphs``): each
 branch of the prefill flag's ``If`` lifted into a graph of its own, over the same weights file, and ``OrtCausalLM``
-running them as two sessions over one copy of the weights (why: the decode step's per-node cost inside the prefill
-``If``, measured on the GPU machine, BENCHMARKS.md).
+running them as two sessions given the same weight tensors (why: the decode step's per-node cost inside the prefill
+``If``, measured on the GPU machine, BENCHMARKS.md; on CUDA by default, on the CPU when asked).
 
 Here, under ONNX Runtime's CPU provider: the files and the export record, the layout (no prefill ``If``, one ``If``
 per routed layer, the gated graph's inputs, outputs and metadata, no weights inside), logits and greedy tokens equal
 to the single gated graph's for padded batches, the weights loaded once and handed to both sessions, the package and
-its standalone runner, and the refusal of graphs without the prefill ``If``.
+its standalone runner, validate's check of model.onnx against them, tied embeddings (a main-graph node the branches
+read), and the refusal of graphs without the prefill ``If``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def test_export_writes_and_records_the_phase_graphs():
 @pytest.mark.parametrize("pad", [right_pad, left_pad])
 def test_phase_graphs_compute_what_the_single_graph_computes(arch, pad):
     case = exported(arch, "gated")
-    phases = OrtCausalLM(case.onnx_dir)
+    phases = OrtCausalLM(case.onnx_dir, phase_graphs=True)
     single = OrtCausalLM(case.onnx_dir, phase_graphs=False)
     assert phases.phases and not single.phases
     batch = pad(random_sequences(3, seed=5, lo=3, hi=9))
@@ -86,9 +87,15 @@ def test_phase_graphs_compute_what_the_single_graph_computes(arch, pad):
     assert got.tolist() == want.tolist()
 
 
+def test_the_runner_uses_them_on_cuda_only_by_default():
+    case = exported("llama", "gated")
+    assert not OrtCausalLM(case.onnx_dir).phases  # the CPU provider: each session would prepack its own weights
+    assert not OrtCausalLM(exported("llama", "static").onnx_dir, phase_graphs=True).phases  # a static export has none
+
+
 def test_the_weights_are_loaded_once_for_both_sessions():
     case = exported("llama", "gated")
-    lm = OrtCausalLM(case.onnx_dir)
+    lm = OrtCausalLM(case.onnx_dir, phase_graphs=True)
     manifest = json.loads((case.onnx_dir / MANIFEST_NAME).read_text())
     assert set(lm._weights.values) == {e["name"] for e in manifest["initializers"]}
     # views of one read-only map of the weights file: no copy made here
@@ -100,7 +107,7 @@ def test_the_weights_are_loaded_once_for_both_sessions():
     assert lm.prefill_session is not lm.session
     # each session loading its own copy computes the same
     ids = np.random.default_rng(0).integers(0, 256, size=(2, 7))
-    unshared = OrtCausalLM(case.onnx_dir, share_weights=False)
+    unshared = OrtCausalLM(case.onnx_dir, phase_graphs=True, share_weights=False)
     assert not unshared._weights.values
     assert unshared.generate(ids, max_new_tokens=8).tolist() == lm.generate(ids, max_new_tokens=8).tolist()
 
@@ -120,7 +127,8 @@ def test_package_ships_them_and_its_runner_uses_them(tmp_path, monkeypatch):
     runner = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, runner)  # its dataclasses look their module up
     spec.loader.exec_module(runner)  # the package's standalone runner: numpy and onnxruntime only
-    lm = runner.OrtCausalLM(out, providers=["CPUExecutionProvider"])
+    assert not runner.OrtCausalLM(out, providers=["CPUExecutionProvider"]).phases  # on the CPU: model.onnx
+    lm = runner.OrtCausalLM(out, providers=["CPUExecutionProvider"], phase_graphs=True)
     assert lm.phases
     ids = np.random.default_rng(1).integers(0, 256, size=(1, 6))
     want = OrtCausalLM(case.onnx_dir, phase_graphs=False).generate(ids, max_new_tokens=8)
@@ -150,3 +158,28 @@ def test_validate_catches_a_decode_graph_that_differs_from_model_onnx(tmp_path):
     report = validate(case.routed, broken, token_batches=batches, steps=4)
     assert not report.passed
     assert report.check("single_graph_agreement").passed is False
+
+
+def test_tied_embeddings_keep_the_main_graph_nodes_the_branches_read(tmp_path):
+    """A model whose LM head is its embedding (SmolLM2): the exporter computes the transposed head once, in the main
+    graph before the prefill If, and both phase graphs must keep that node."""
+    from conftest import build_model, build_tokenizer
+    from onnx_cases import randomise_routers
+
+    from rtexport.models.loading import wrap_model
+    from rtexport.onnx.export import export_onnx
+    from rtexport.routing import RoutedModel
+
+    model = build_model("llama", num_hidden_layers=4, tie_word_embeddings=True)
+    loaded = wrap_model(model, tokenizer=build_tokenizer(), model_id="tiny-tied")
+    routed = RoutedModel.from_model(model, layers=ROUTED_LAYERS)
+    randomise_routers(routed)
+    export_onnx(loaded, tmp_path / "gated", mode="gated", routed=routed)
+    gated = onnx.load(tmp_path / "gated" / "model.onnx", load_external_data=False)
+    outside = [n for n in gated.graph.node if n.op_type not in ("If", "Shape", "Squeeze", "Sub", "Equal")]
+    assert outside, "the tied head is no longer computed outside the prefill If: this test checks nothing"
+    for name in PHASE_GRAPHS.values():
+        onnx.checker.check_model(str(tmp_path / "gated" / name))
+    ids = np.random.default_rng(2).integers(0, 256, size=(2, 6))
+    want = OrtCausalLM(tmp_path / "gated", phase_graphs=False).generate(ids, max_new_tokens=8)
+    assert OrtCausalLM(tmp_path / "gated", phase_graphs=True).generate(ids, max_new_tokens=8).tolist() == want.tolist()

@@ -371,9 +371,10 @@ def validate(
     if not token_batches:
         raise DataError("validation needs at least one batch of tokens")
 
-    ort_model = OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding)
-    # a gated export with phase graphs: the runner runs those; model.onnx, which serves both phases alone, is checked
-    # against them (the same logits, the same greedy tokens)
+    # a gated export with phase graphs: validated through them (what the runner runs on CUDA), and model.onnx, which
+    # serves both phases alone (and is what the runner runs on the CPU), is checked against them: the same logits,
+    # the same greedy tokens
+    ort_model = OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding, phase_graphs=True)
     single = (OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding, phase_graphs=False)
               if ort_model.phases else None)
     single_diff, single_same = 0.0, 0

@@ -164,9 +164,9 @@ routing inputs, so this package has no `genai_config.json`.
 ONNX Runtime runs a graph inside an `If` at a higher cost per node. `prefill.onnx` and `decode.onnx` are that `If`'s
 two branches as graphs of their own: same inputs, outputs and weights file, one `If` per routed block each. Run the
 prompt through `prefill.onnx` and every later step through `decode.onnx` (on an H200, Llama-3-8B shape, decode steps
-1-5% faster than through `model.onnx`). `run_ort.py` does so with two sessions over one copy of the weights: it loads
-each weight once (`phase_graphs.json` says where it lies in `model.onnx.data`) and gives both sessions the same
-tensors through `SessionOptions.add_initializer`.
+1-5% faster than through `model.onnx`). `run_ort.py` does so on CUDA, with two sessions given the same weight
+tensors: it loads each weight once (`phase_graphs.json` says where it lies in `model.onnx.data`) and hands it to both
+sessions through `SessionOptions.add_initializer`. On the CPU it runs `model.onnx` alone.
 {% endif %}
 {% endif %}
 ## Validation

@@ -3,16 +3,17 @@
 A gated export (``prefill_select="cond"``) holds its decoder twice, under one ``If`` on the prefill flag: the prefill
 branch runs the routers, the decode branch one ``If`` per routed layer on the host input ``run_layer.{i}``. That
 graph serves both phases on its own, but ONNX Runtime runs every decode step's ~15 nodes per layer as a subgraph,
-which costs more per node than the main graph: on the H200 (Llama-3-8B shape, fp16) the decode step with its
-per-layer ``If``\\ s lifted into the main graph is 5-7% faster than the same step inside the prefill ``If``, and as
-fast as the static graph (``examples/benchmarks/ort_gated_layouts.py``, BENCHMARKS.md).
+which costs more per node than the main graph. On the H200 (Llama-3-8B shape, fp16, BENCHMARKS.md session 7) the
+decode step with its per-layer ``If``\\ s lifted into the main graph measured 0.99 of the static graph's step where
+the same step inside the prefill ``If`` measured 1.05-1.06 (``examples/benchmarks/ort_gated_layouts.py``); through
+the runner, 1.03-1.05 against 1.04-1.09.
 
 So the export also writes each branch lifted into a graph of its own: the same inputs, outputs, metadata and node
 names, the initializers that branch reads, and the same weights file (``model.onnx.data``, by reference: no byte of
 weights is written twice). Every routed block is still inside its own ``If`` in both; only the prefill flag's
 ``If`` is gone, because the caller (``runtime.OrtCausalLM``) knows which phase it runs. ``phase_graphs.json`` names
 the two graphs and where each weight lies in the weights file, so that the runner (numpy and onnxruntime only)
-loads the weights once and gives the two sessions the same copy.
+loads the weights once and gives the two sessions the same tensors.
 """
 
 from __future__ import annotations
@@ -34,14 +35,20 @@ _BRANCH = {"prefill": "then_branch", "decode": "else_branch"}
 
 
 def _names_read(graph: Any, into: set[str]) -> set[str]:
-    """Every value name a node of ``graph`` or of its subgraphs reads."""
+    """Every value name a node of ``graph`` or of its subgraphs reads, added to ``into``."""
     for node in graph.node:
-        into.update(node.input)
-        for attr in node.attribute:
-            if attr.g is not None and attr.g.node:
-                _names_read(attr.g, into)
-            for g in attr.graphs:
-                _names_read(g, into)
+        _node_reads(node, into)
+    return into
+
+
+def _node_reads(node: Any, into: set[str]) -> set[str]:
+    """The value names ``node`` and its subgraphs read, added to ``into``."""
+    into.update(node.input)
+    for attr in node.attribute:
+        if attr.g is not None and attr.g.node:
+            _names_read(attr.g, into)
+        for g in attr.graphs:
+            _names_read(g, into)
     return into
 
 
@@ -57,9 +64,18 @@ def lift_phase(model: Any, phase: str) -> Any:
         raise ArtifactMismatch("not a gated graph with one prefill If around its decoder (prefill_select 'cond')")
     flag = flags[0]
     branch = next(a.g for a in flag.attribute if a.name == _BRANCH[phase])
+    # the main graph's other nodes that the branch reads (e.g. the transposed LM head of tied embeddings), in their
+    # order; the prefill flag's own arithmetic goes with its If
+    needed = _names_read(branch, {o.name for o in branch.output})
+    before = []
+    for node in reversed(model.graph.node):
+        if node.op_type != "If" and any(o in needed for o in node.output):
+            before.append(node)
+            _node_reads(node, needed)
     lifted = copy.deepcopy(model)
     graph = lifted.graph
     del graph.node[:]
+    graph.node.extend(reversed(before))
     graph.node.extend(branch.node)
     # the branch's results under the graph's output names (a value cannot keep both names)
     graph.node.extend(helper.make_node("Identity", [b.name], [o], name=f"{o}_{phase}")

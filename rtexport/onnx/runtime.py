@@ -97,15 +97,17 @@ class OrtCausalLM:
         session_options: Any = None,
         cuda_graph: bool = False,
         reserve: int = 256,
-        phase_graphs: bool = True,
+        phase_graphs: bool | None = None,
         share_weights: bool = True,
     ):
         """``cuda_graph``: replay decode steps as a CUDA graph (a preallocated-cache graph on
         CUDAExecutionProvider; ignored on the CPU). ``reserve``: slots a preallocated cache holds beyond the prompt
         when the caller gives no ``capacity`` at prefill. ``phase_graphs``: for a gated export that has them
         (``phase_graphs.json``), run prefills through ``prefill.onnx`` and later steps through ``decode.onnx``, two
-        sessions over one copy of the weights (the shared weights are added to ``session_options``); False: run
-        ``path`` for both. ``share_weights=False``: each phase session loads the weights itself (two copies).
+        sessions given the same weight tensors (added to ``session_options``); False: run ``path`` for both; None
+        (default): the phase graphs on CUDA, ``path`` on the CPU (there ONNX Runtime prepacks each session's MatMul
+        weights, so two sessions hold two copies whatever they are given). ``share_weights=False``: each phase
+        session loads the weights itself.
 
         ``session`` runs the steps after a prefill (``decode.onnx`` with phase graphs), ``prefill_session`` the
         prefills (``prefill.onnx``); without phase graphs both are the session of ``path``."""
@@ -121,10 +123,11 @@ class OrtCausalLM:
         if cuda_graph:
             self.providers = [_with_cuda_graph(p) for p in self.providers]
         manifest = path.parent / _PHASES_MANIFEST
-        self.phases = phase_graphs and manifest.is_file()
-        if self.phases:  # a gated export's two phase graphs, sharing one copy of the weights
-            device = "cuda" if self.providers and _provider_name(self.providers[0]) == "CUDAExecutionProvider" else "cpu"
-            self._weights = _SharedWeights(manifest, device, load=share_weights)
+        cuda = (bool(self.providers) and _provider_name(self.providers[0]) == "CUDAExecutionProvider"
+                and "CUDAExecutionProvider" in ort.get_available_providers())
+        self.phases = manifest.is_file() and (cuda if phase_graphs is None else bool(phase_graphs))
+        if self.phases:  # a gated export's two phase graphs, given the same weight tensors
+            self._weights = _SharedWeights(manifest, "cuda" if cuda else "cpu", load=share_weights)
             session_options = self._weights.add_to(session_options or ort.SessionOptions())
             graphs = self._weights.graphs
             self.session = ort.InferenceSession(str(graphs["decode"]), sess_options=session_options,
