@@ -192,6 +192,9 @@ def export_onnx(
     path = run_export(loaded, graph_dir, mode=mode, plan=plan, routed=routed, dtype=onnx_dtype, opset=opset,
                       attention=attention, kv_cache=kv_cache, logits=logits)
     Console().print(f"{mode} graph -> {path}")
+    if (path.parent / "phase_graphs.json").is_file():
+        Console().print(f"its phases as graphs of their own -> {path.parent / 'prefill.onnx'}, "
+                        f"{path.parent / 'decode.onnx'} (run on CUDA by run_ort.py / OrtCausalLM)", soft_wrap=True)
     if fmt == "ort-gpu":
         import shutil
 
