@@ -372,8 +372,9 @@ def bench_phase(args) -> None:
     for variant in variants:
         for mode in modes:
             key = mode if variant == variants[0] else f"{mode}@{variant}"
+            # a gated export's phase graphs when it has them (the runner's choice on CUDA), on any device
             sessions[key] = OrtCausalLM(graphs / mode, providers=providers, session_options=session_options(variant),
-                                        cuda_graph=mode in prealloc and args.device == "cuda")
+                                        cuda_graph=mode in prealloc and args.device == "cuda", phase_graphs=True)
             if mode in gated and (graphs / mode / "phase_graphs.json").is_file():
                 # the gated export's own single graph too (prefill If around both phases), next to its phase graphs
                 sessions[f"{key}_single"] = OrtCausalLM(graphs / mode, providers=providers,
@@ -381,7 +382,7 @@ def bench_phase(args) -> None:
                 if args.unshared:  # the phase graphs with a copy of the weights each
                     sessions[f"{key}_unshared"] = OrtCausalLM(graphs / mode, providers=providers,
                                                               session_options=session_options(variant),
-                                                              share_weights=False)
+                                                              phase_graphs=True, share_weights=False)
     for mode in gated:  # the gated graph's own routers must choose the plan on that prompt too
         lm = sessions[mode]
         step = lm.forward(ids.numpy(), np.ones_like(ids.numpy()), last_only=True)
