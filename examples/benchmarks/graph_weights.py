@@ -67,15 +67,6 @@ def _all_initializers(model: Any) -> Iterator[Any]:
     yield from walk(model.graph)
 
 
-def _external_fields(tensor: Any) -> dict[str, str] | None:
-    """The tensor's external-data fields (location, offset, length), or None when its bytes are in the proto."""
-    from onnx.external_data_helper import uses_external_data
-
-    if not uses_external_data(tensor):
-        return None
-    return {e.key: e.value for e in tensor.external_data}
-
-
 def _load_graph(folder: Path) -> Any:
     import onnx
 
@@ -87,17 +78,14 @@ def _load_graph(folder: Path) -> Any:
 
 def manifest_entries(model: Any) -> list[dict[str, Any]]:
     """One entry per initializer stored in the weights file, in file order; fails on anything but one file."""
-    entries = []
-    for t in _all_initializers(model):
-        ext = _external_fields(t)
-        if ext is None:
-            continue
-        if ext.get("location") != DATA_NAME:
-            raise ArtifactMismatch(f"initializer {t.name} lives in {ext.get('location')!r}, not {DATA_NAME}")
-        if "offset" not in ext or "length" not in ext:
-            raise ArtifactMismatch(f"initializer {t.name} records no offset/length: {ext}")
-        entries.append({"name": t.name, "dims": [int(d) for d in t.dims], "data_type": int(t.data_type),
-                        "offset": int(ext["offset"]), "length": int(ext["length"])})
+    from rtexport.onnx.phase_graphs import external_entries
+
+    entries = external_entries(_all_initializers(model))
+    for e in entries:
+        if e["file"] != DATA_NAME:
+            raise ArtifactMismatch(f"initializer {e['name']} lives in {e['file']!r}, not {DATA_NAME}")
+        if e["length"] is None:
+            raise ArtifactMismatch(f"initializer {e['name']} records no length")
     names = [e["name"] for e in entries]
     if len(set(names)) != len(names):
         raise ArtifactMismatch("the graph stores two external initializers under one name")
@@ -108,7 +96,9 @@ def inline_initializers(model: Any) -> dict[str, np.ndarray]:
     """Initializers whose bytes are inside ``model.onnx`` (small tensors and the exporter's constants)."""
     from onnx import numpy_helper
 
-    return {t.name: numpy_helper.to_array(t) for t in _all_initializers(model) if _external_fields(t) is None}
+    from onnx.external_data_helper import uses_external_data
+
+    return {t.name: numpy_helper.to_array(t) for t in _all_initializers(model) if not uses_external_data(t)}
 
 
 # ---- strip -----------------------------------------------------------------------------------------------------

@@ -88,19 +88,27 @@ def lift_phase(model: Any, phase: str) -> Any:
     return lifted
 
 
-def external_initializers(model: Any) -> list[dict[str, Any]]:
-    """Where each initializer of ``model`` stored in an external data file lies: name, file, offset, length, dims,
-    numpy dtype (types numpy cannot hold are left out: ONNX Runtime loads those itself)."""
-    import onnx
+def external_entries(tensors: Any) -> list[dict[str, Any]]:
+    """Where each of ``tensors`` (TensorProtos) whose bytes live in an external data file lies: name, file, offset,
+    length, dims, ONNX data type. Tensors stored inside the graph are left out."""
+    from onnx.external_data_helper import uses_external_data
 
     found = []
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in _DTYPES:
+    for t in tensors:
+        if not uses_external_data(t):
             continue
         kv = {e.key: e.value for e in t.external_data}
-        found.append({"name": t.name, "file": kv["location"], "offset": int(kv.get("offset", 0)),
-                      "length": int(kv["length"]), "dims": [int(d) for d in t.dims], "dtype": _DTYPES[t.data_type]})
+        found.append({"name": t.name, "file": kv.get("location"), "offset": int(kv.get("offset", 0)),
+                      "length": int(kv["length"]) if "length" in kv else None, "dims": [int(d) for d in t.dims],
+                      "data_type": int(t.data_type)})
     return found
+
+
+def _shared_entries(model: Any) -> list[dict[str, Any]]:
+    """The manifest's entries: the main graph's external initializers of types numpy holds, with that type's name
+    (ONNX Runtime loads the others itself)."""
+    return [{**e, "dtype": _DTYPES[e["data_type"]]} for e in external_entries(model.graph.initializer)
+            if e["data_type"] in _DTYPES and e["length"] is not None]
 
 
 def write_phase_graphs(folder: str | Path, graph_name: str = "model.onnx") -> dict[str, Path]:
@@ -115,7 +123,7 @@ def write_phase_graphs(folder: str | Path, graph_name: str = "model.onnx") -> di
     paths, shared = {}, {}
     for phase, name in PHASE_GRAPHS.items():
         lifted = lift_phase(model, phase)
-        shared.update({e["name"]: e for e in external_initializers(lifted)})
+        shared.update({e["name"]: e for e in _shared_entries(lifted)})
         paths[name] = write_bytes_atomic(folder / name, lifted.SerializeToString())
         onnx.checker.check_model(str(paths[name]))  # by path: it finds the weights file next to the graph
     manifest = {"format": MANIFEST_FORMAT, "graphs": PHASE_GRAPHS, "initializers": list(shared.values())}
