@@ -1,10 +1,14 @@
-"""Which node inside an ONNX ``If`` makes ONNX Runtime's CUDA EP stall the GPU, measured while the GPU is busy.
+"""Whether a node inside an ONNX ``If`` costs ONNX Runtime's CUDA EP more than in the main graph, while the GPU is
+busy.
 
-``ort_gated_layouts.py`` found that a gated graph's per-layer ``If``\\ s cost more as the batch grows (8B shape,
-decode: 8% at batch 1, 15% at batch 8), which a host-side cost would not do: something at each ``If`` makes the
-GPU wait. This script times ``--steps`` steps, each a large MatMul that keeps the GPU busy followed by one small
+The question came from ``ort_gated_layouts.py``'s first run, where a gated graph's per-layer ``If``\\ s seemed to
+cost more as the batch grew (8% at batch 1, 15% at batch 8): that run's routers skipped no layer at batch 8, so its
+gated rows did more work (BENCHMARKS.md, session 7). The answer here is no: 0.1-6 µs per ``If`` and step.
+
+This script times ``--steps`` steps, each a large MatMul that keeps the GPU busy followed by one small
 decode-shaped node X (``--op``: Neg, Where, RMSNormalization, RotaryEmbedding, Attention with a past, a small
-MatMul), in three placements:
+MatMul; ``AttentionKV``, an Attention whose presents leave the ``If`` and the graph as a gated graph's do, was
+added after the recorded runs and has not been measured), in three placements:
 
 * ``main``: X in the main graph;
 * ``if``: X inside an ``If`` on a host-side condition (the gated decode step's layout);

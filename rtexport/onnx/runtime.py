@@ -126,10 +126,13 @@ class OrtCausalLM:
         cuda = (bool(self.providers) and _provider_name(self.providers[0]) == "CUDAExecutionProvider"
                 and "CUDAExecutionProvider" in ort.get_available_providers())
         self.phases = manifest.is_file() and (cuda if phase_graphs is None else bool(phase_graphs))
+        self._weights = None
         if self.phases:  # a gated export's two phase graphs, given the same weight tensors
-            self._weights = _SharedWeights(manifest, "cuda" if cuda else "cpu", load=share_weights)
-            session_options = self._weights.add_to(session_options or ort.SessionOptions())
-            graphs = self._weights.graphs
+            phases = _read_phases(manifest)
+            if share_weights:
+                self._weights = _SharedWeights(path.parent, phases["initializers"], "cuda" if cuda else "cpu")
+                session_options = self._weights.add_to(session_options or ort.SessionOptions())
+            graphs = phases["graphs"]
             self.session = ort.InferenceSession(str(graphs["decode"]), sess_options=session_options,
                                                 providers=self.providers)
             self.prefill_session = ort.InferenceSession(str(graphs["prefill"]), sess_options=session_options,
@@ -558,25 +561,30 @@ class _GraphStep:
 _PHASES_MANIFEST = "phase_graphs.json"  # rtexport.onnx.phase_graphs.MANIFEST_NAME (this module imports no rtexport)
 
 
+def _read_phases(manifest: Path) -> dict[str, Any]:
+    """``phase_graphs.json``: the phase graphs' paths (``graphs``) and where each weight lies (``initializers``)."""
+    import json
+
+    record = json.loads(manifest.read_text())
+    if record.get("format") != "rtexport.phase_graphs/1":
+        raise ValueError(f"{manifest}: not an rtexport phase-graphs record")
+    return {"graphs": {phase: manifest.parent / name for phase, name in record["graphs"].items()},
+            "initializers": record["initializers"]}
+
+
 class _SharedWeights:
-    """The weights of a gated export's phase graphs, loaded once from the weights file as ``phase_graphs.json``
-    locates them, as OrtValues that do not own their memory (ONNX Runtime then uses them in place, in every session
-    they are added to): on the CPU, views of a read-only memory map; on CUDA, one device copy viewed through DLPack."""
+    """The weights ``entries`` (``phase_graphs.json``'s ``initializers``) of the files in ``folder``, each read once
+    as an OrtValue that does not own its memory, to be given to several sessions: on the CPU, views of a read-only
+    memory map; on CUDA, one device copy viewed through DLPack (ONNX Runtime uses such an initializer in place when
+    it sits on the device its kernels read; on the CPU it still prepacks a MatMul's weights per session)."""
 
-    def __init__(self, manifest: Path, device_type: str, load: bool = True):
-        import json
-
+    def __init__(self, folder: Path, entries: list[dict[str, Any]], device_type: str):
         import onnxruntime as ort
 
-        record = json.loads(manifest.read_text())
-        if record.get("format") != "rtexport.phase_graphs/1":
-            raise ValueError(f"{manifest}: not an rtexport phase-graphs record")
-        folder = manifest.parent
-        self.graphs = {phase: folder / name for phase, name in record["graphs"].items()}
         maps: dict[str, np.memmap] = {}
         self._owners: list[Any] = []  # what the shared values view: memory maps' arrays, device copies
         self.values: dict[str, Any] = {}
-        for e in record["initializers"] if load else []:
+        for e in entries:
             if e["file"] not in maps:
                 maps[e["file"]] = np.memmap(folder / e["file"], dtype=np.uint8, mode="r")
             array = maps[e["file"]][e["offset"]:e["offset"] + e["length"]].view(np.dtype(e["dtype"]))
