@@ -183,3 +183,71 @@ def test_tied_embeddings_keep_the_main_graph_nodes_the_branches_read(tmp_path):
     ids = np.random.default_rng(2).integers(0, 256, size=(2, 6))
     want = OrtCausalLM(tmp_path / "gated", phase_graphs=False).generate(ids, max_new_tokens=8)
     assert OrtCausalLM(tmp_path / "gated", phase_graphs=True).generate(ids, max_new_tokens=8).tolist() == want.tolist()
+
+
+def test_decode_graph_computes_a_skipped_layers_input_norm_only_in_its_run_branch():
+    case = exported("llama", "gated")
+    decode = onnx.load(case.onnx_dir / "decode.onnx", load_external_data=False).graph
+    prefill = onnx.load(case.onnx_dir / "prefill.onnx", load_external_data=False).graph
+
+    def branch_only(graph):
+        """Main-graph nodes whose results nothing but one branch of one If reads."""
+        readers = {o.name: {(-1, "output")} for o in graph.output}
+        for k, node in enumerate(graph.node):
+            for name in node.input:
+                readers.setdefault(name, set()).add((k, "input"))
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    names = set()
+                    stack = [attr.g]
+                    while stack:
+                        g = stack.pop()
+                        for n in g.node:
+                            names.update(n.input)
+                            stack += [a.g for a in n.attribute if a.g is not None and a.g.node]
+                    for name in names:
+                        readers.setdefault(name, set()).add((k, attr.name))
+        return [n.name for n in graph.node if n.output
+                and len(set().union(*(readers.get(o, set()) for o in n.output))) == 1
+                and next(iter(set().union(*(readers.get(o, set()) for o in n.output))))[1] in ("then_branch", "else_branch")]
+
+    assert branch_only(decode) == []
+    for node in _ifs(decode):  # each run branch starts from the layer's input, not from its norm
+        run = next(a.g for a in node.attribute if a.name == "then_branch")
+        assert run.node[0].op_type == "RMSNormalization"
+    # at prefill the router reads the norm too: it stays in the main graph
+    assert all(next(a.g for a in n.attribute if a.name == "then_branch").node[0].op_type != "RMSNormalization"
+               for n in _ifs(prefill))
+
+
+def test_steps_after_the_prefill_bind_their_fixed_inputs_once():
+    case = exported("llama", "gated")
+    lm = OrtCausalLM(case.onnx_dir, phase_graphs=True, io_binding=True)
+    plain = OrtCausalLM(case.onnx_dir, phase_graphs=True, io_binding=False)
+    # a sequence that some routed layer skips: that layer keeps no cache
+    for seq in random_sequences(40, seed=11):
+        ids = np.array([seq])
+        first = lm.forward(ids, np.ones_like(ids))
+        if not first.cache.decisions.all():
+            break
+    else:
+        pytest.fail("no sequence skips a routed layer")
+    skipped = [i for r, i in enumerate(lm.routed_layers) if not first.cache.decisions[0, r]]
+    fixed = first.cache.fixed
+    assert {f"past_key_values.{i}.{kind}" for i in skipped for kind in ("key", "value")} < set(fixed.feeds)
+    assert "routing_decisions" in fixed.feeds and "decisions" in fixed.dropped
+    assert {k: bool(v) for k, v in fixed.host.items()} == {f"run_layer.{i}": i not in skipped for i in lm.routed_layers}
+    ref = plain.forward(ids, np.ones_like(ids))
+    mask = np.ones((1, ids.shape[1] + 1), dtype=np.int64)
+    token = first.logits[:, -1].argmax(-1)[:, None]
+    a = lm.forward(token, mask, cache=first.cache)
+    mask2 = np.ones((1, ids.shape[1] + 2), dtype=np.int64)
+    b = lm.forward(a.logits[:, -1].argmax(-1)[:, None], mask2, cache=a.cache)  # a later step, then ...
+    again = lm.forward(token, mask, cache=first.cache)  # ... the first cache continued a second time
+    want = plain.forward(token, mask, cache=ref.cache)
+    assert a.cache.fixed.binding is not None and again.cache.fixed.binding is a.cache.fixed.binding
+    assert np.abs(a.logits - want.logits).max() <= 1e-5
+    assert np.abs(again.logits - want.logits).max() <= 1e-5
+    for i in skipped:
+        assert a.cache.past[i][0].shape()[2] == 0  # still no cache for a layer nobody runs
+    assert b.cache.length == a.cache.length + 1

@@ -15,9 +15,13 @@ derives, by rewriting the ONNX file (no re-export; the weights file is shared):
   an outer value: what that ``Identity`` costs;
 * ``part:A-B`` (with ``--all-run``): ``flat`` with only the taken branch's nodes A..B-1 inside each ``If`` and the
   others moved out: which node kinds cost more inside an ``If``.
+* ``prefill_inlined``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by the branch the plan
+  takes. Its routers still score every routed layer (the decisions output), but no condition goes to the host: what
+  the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels.
 
-The derived graphs compute the decode step only (a prefill through them would use the held decisions); the
+The decode layouts compute the decode step only (a prefill through them would use the held decisions); the
 benchmark prefills with the gated graph and continues with each layout on that cache. Their greedy tokens must equal
+the gated graph's. A prefill layout is timed on prefills only; its first greedy token and its decisions must equal
 the gated graph's.
 
     # here: a tiny check on the CPU (derive, run, compare)
@@ -45,6 +49,7 @@ import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
 
 LAYOUTS = ("flat", "inlined", "flat_max")  # and "part:A-B" (see derive)
+PREFILL_LAYOUTS = ("prefill_inlined",)
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
@@ -119,10 +124,12 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
     from rtexport.onnx.phase_graphs import lift_phase
 
     part = None
+    if layout == "prefill_inlined":
+        return _prefill_inlined(lift_phase(model, "prefill"), skip)
     if layout.startswith("part:"):
         part = tuple(int(v) for v in layout[5:].split("-"))
     elif layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS} or part:A-B, got {layout!r}")
+        raise ValueError(f"layout must be one of {LAYOUTS + PREFILL_LAYOUTS} or part:A-B, got {layout!r}")
     derived = lift_phase(model, "decode")
     nodes: list[onnx.NodeProto] = []
     for node in derived.graph.node:
@@ -140,12 +147,32 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
     return derived
 
 
+def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int]) -> onnx.ModelProto:
+    """``prefill`` (a lifted prefill graph) with each per-layer ``If`` replaced by the branch the plan takes. The
+    ``If``\\ s are in layer order, one per ``run_layer.{i}`` input."""
+    ifs = [n for n in prefill.graph.node if n.op_type == "If"]
+    routed = sorted(int(i.name.split(".")[1]) for i in prefill.graph.input if i.name.startswith("run_layer."))
+    if len(ifs) != len(routed):
+        raise SystemExit(f"{len(ifs)} If nodes for {len(routed)} routed layers: not a lifted prefill graph")
+    layer_of = {id(n): i for n, i in zip(ifs, routed)}
+    nodes: list[onnx.NodeProto] = []
+    for node in prefill.graph.node:
+        if node.op_type == "If":
+            nodes += _inline(node, _branch(node, "else_branch" if layer_of[id(node)] in skip else "then_branch"))
+        else:
+            nodes.append(node)
+    del prefill.graph.node[:]
+    prefill.graph.node.extend(nodes)
+    return prefill
+
+
 def write_layouts(gated_dir: Path, skip: set[int], layouts=LAYOUTS) -> dict[str, Path]:
     """``gated_dir/decode_{layout}.onnx`` for each layout, next to (and reading) the gated graph's weights file."""
     model = onnx.load(gated_dir / "model.onnx", load_external_data=False)
     paths = {}
     for layout in layouts:
-        path = gated_dir / f"decode_{layout.replace(':', '_')}.onnx"
+        name = layout if layout in PREFILL_LAYOUTS else f"decode_{layout.replace(':', '_')}"
+        path = gated_dir / f"{name}.onnx"
         onnx.save(derive(model, layout, skip), path)
         paths[layout] = path
     return paths
@@ -163,6 +190,13 @@ def decode_after(prefill_lm, lm, ids: np.ndarray, steps: int) -> tuple[float, np
         step = lm.forward(step.next_token[:, None], mask, cache=step.cache, greedy=True)
         tokens.append(step.next_token)
     return 1000 * (time.perf_counter() - start) / steps, np.stack(tokens, axis=1)
+
+
+def prefill_agrees(gated, lm, ids: np.ndarray) -> bool:
+    """A prefill layout's first greedy token and decisions equal the gated graph's on ``ids``."""
+    a = gated.forward(ids, np.ones_like(ids), greedy=True)
+    b = lm.forward(ids, np.ones_like(ids), greedy=True)
+    return bool((a.next_token == b.next_token).all() and (a.cache.decisions == b.cache.decisions).all())
 
 
 def selfcheck(args) -> None:
@@ -185,7 +219,8 @@ def selfcheck(args) -> None:
     loaded = wrap_model(model, tokenizer=build_tokenizer(), model_id="tiny-llama")
     ids = np.random.default_rng(0).integers(0, 250, size=(1, 12), dtype=np.int64)
     # the routers skip layer 3 (flat, inlined), then run every layer (the part:A-B layouts too)
-    for skip_plan, layouts in (([3], LAYOUTS), ([], (*LAYOUTS, "part:5-6", "part:0-5", "part:6-9"))):
+    for skip_plan, layouts in (([3], LAYOUTS + PREFILL_LAYOUTS),
+                               ([], (*LAYOUTS, *PREFILL_LAYOUTS, "part:5-6", "part:0-5", "part:6-9"))):
         plan = SkipPlan(base_model="tiny-llama", fingerprint=loaded.fingerprint, num_layers=6, target="attn",
                         method="manual", skip=skip_plan, candidates=[2, 3, 4])
         routed, _ = routers_choosing_plan(loaded, plan, torch.from_numpy(ids))
@@ -202,6 +237,12 @@ def selfcheck(args) -> None:
             paths = write_layouts(folder, skip, layouts)
             _, reference = decode_after(gated, gated, ids, 16)
             for layout, path in paths.items():
+                if layout in PREFILL_LAYOUTS:
+                    ok = prefill_agrees(gated, OrtCausalLM(path, providers=["CPUExecutionProvider"]), ids)
+                    print(layout, "first token and decisions equal the gated graph's:", ok)
+                    if not ok:
+                        raise SystemExit(1)
+                    continue
                 _, tokens = decode_after(gated, OrtCausalLM(path, providers=["CPUExecutionProvider"]), ids, 16)
                 ok = bool((tokens == reference).all())
                 print(layout, "greedy tokens equal the gated graph's:", ok)
@@ -257,14 +298,17 @@ def bench(args) -> None:
                   "the gated rows run other layers than the static graph", flush=True)
         _, reference = decode_after(gated, gated, ids, 32)
         log[f"greedy_32_match_gated_b{b}"] = {
-            name: bool((decode_after(gated, lm, ids, 32)[1] == reference).all()) for name, lm in layouts.items()}
+            name: bool((decode_after(gated, lm, ids, 32)[1] == reference).all()) for name, lm in layouts.items()
+            if name not in PREFILL_LAYOUTS}
+        log[f"prefill_matches_gated_b{b}"] = {name: prefill_agrees(gated, lm, ids) for name, lm in layouts.items()
+                                             if name in PREFILL_LAYOUTS}
         timed = ["gated", *layouts] if static is None else ["static", "gated", *layouts]
         res = {k: {"prefill_samples": [], "decode_samples": []} for k in timed}
         for lm in [gated] if static is None else [static, gated]:  # warm-up
             ort_prefill_once(lm, ids)
             ort_decode_once(lm, ids, args.new_tokens)
-        for lm in layouts.values():
-            decode_after(gated, lm, ids, args.new_tokens)
+        for name, lm in layouts.items():
+            ort_prefill_once(lm, ids) if name in PREFILL_LAYOUTS else decode_after(gated, lm, ids, args.new_tokens)
         keys = list(res)
         for round_ in range(args.rounds):
             shift = round_ % len(keys)
@@ -273,18 +317,22 @@ def bench(args) -> None:
                     lm = static if key == "static" else gated
                     res[key]["prefill_samples"] += [ort_prefill_once(lm, ids) for _ in range(args.reps)]
                     res[key]["decode_samples"].append(ort_decode_once(lm, ids, args.new_tokens))
+                elif key in PREFILL_LAYOUTS:
+                    res[key]["prefill_samples"] += [ort_prefill_once(layouts[key], ids) for _ in range(args.reps)]
                 else:
                     res[key]["decode_samples"].append(decode_after(gated, layouts[key], ids, args.new_tokens)[0])
-            print(f"b{b} round {round_}", {k: round(v["decode_samples"][-1], 3) for k, v in res.items()}, flush=True)
+            print(f"b{b} round {round_}", {k: round((v["decode_samples"] or v["prefill_samples"])[-1], 3)
+                                           for k, v in res.items()}, flush=True)
         for v in res.values():
-            v["decode_ms"] = statistics.median(v["decode_samples"])
+            if v["decode_samples"]:
+                v["decode_ms"] = statistics.median(v["decode_samples"])
             if v["prefill_samples"]:
                 v["prefill_ms"] = statistics.median(v["prefill_samples"])
         # against the static graph; with --all-run (no static graph) against the layout without any If
         ref = "static" if static is not None else "inlined"
         base = res[ref]
         res[f"ratios_to_{ref}"] = {
-            k: {"decode": round(res[k]["decode_ms"] / base["decode_ms"], 4),
+            k: {**({"decode": round(res[k]["decode_ms"] / base["decode_ms"], 4)} if "decode_ms" in res[k] else {}),
                 **({"prefill": round(res[k]["prefill_ms"] / base["prefill_ms"], 4)} if "prefill_ms" in res[k] and "prefill_ms" in base else {})}
             for k in timed if k != ref}
         print(f"b{b}", json.dumps(res[f"ratios_to_{ref}"]), flush=True)
@@ -304,7 +352,8 @@ def main() -> None:
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--rounds", type=int, default=6)
-    be.add_argument("--layouts", default=",".join(LAYOUTS), help="flat, inlined and part:A-B (needs --all-run)")
+    be.add_argument("--layouts", default=",".join(LAYOUTS + PREFILL_LAYOUTS),
+                    help="flat, inlined, flat_max, prefill_inlined and part:A-B (needs --all-run)")
     be.add_argument("--all-run", action="store_true",
                     help="routers that run every routed layer; the static graph is not timed")
     be.add_argument("--out", default="layouts")

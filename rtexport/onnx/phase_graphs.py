@@ -80,12 +80,44 @@ def lift_phase(model: Any, phase: str) -> Any:
     # the branch's results under the graph's output names (a value cannot keep both names)
     graph.node.extend(helper.make_node("Identity", [b.name], [o], name=f"{o}_{phase}")
                       for b, o in zip(branch.output, flag.output))
+    _sink_into_branches(graph)
     read = _names_read(graph, set())
     kept = [t for t in graph.initializer if t.name in read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     del graph.value_info[:]
     return lifted
+
+
+def _sink_into_branches(graph: Any) -> None:
+    """Move every main-graph node whose results only one branch of one ``If`` reads into the front of that branch,
+    so that it runs only when that branch does. In the decode graph that is each routed layer's input norm: its
+    router is not there, and only the layer's run branch reads the norm, which a skipped layer then no longer
+    computes."""
+    moved = True
+    while moved:
+        moved = False
+        readers: dict[str, set[tuple[int, str]]] = {o.name: {(-1, "output")} for o in graph.output}
+        for k, node in enumerate(graph.node):
+            for name in node.input:
+                readers.setdefault(name, set()).add((k, "input"))
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    for name in _names_read(attr.g, set()):
+                        readers.setdefault(name, set()).add((k, attr.name))
+        for k in range(len(graph.node) - 1, -1, -1):
+            node = graph.node[k]
+            where = set().union(*(readers.get(o, set()) for o in node.output)) if node.output else set()
+            if len(where) != 1:
+                continue
+            (target, branch), = where
+            if target <= k or graph.node[target].op_type != "If" or branch not in _BRANCH.values():
+                continue
+            body = next(a.g for a in graph.node[target].attribute if a.name == branch)
+            body.node.insert(0, copy.deepcopy(node))
+            del graph.node[k]
+            moved = True
+            break
 
 
 def external_entries(tensors: Any) -> list[dict[str, Any]]:

@@ -77,6 +77,23 @@ class Cache:
     decisions: np.ndarray | None = None  # (B, R) bool on the host, fixed at prefill
     decisions_value: Any = None  # the same decisions as the graph returned them (an OrtValue when IO-binding)
     active: dict[int, bool] = field(default_factory=dict)  # routed layer -> any sequence runs it
+    # a gated graph's inputs that every step after the prefill feeds alike (made at the prefill)
+    fixed: _FixedInputs | None = field(default=None, repr=False)
+
+
+@dataclass
+class _FixedInputs:
+    """What every step of a gated graph after its prefill feeds alike: the decisions and the empty pasts of the
+    layers no sequence runs (``feeds``), the ``run_layer`` flags (``host``), and the outputs those steps drop
+    (those layers' presents, the decisions they return unchanged). With IO binding, ``binding`` is the decode
+    session's binding with all of them bound, made at the first step and reused by the later ones, which bind only
+    what changes: the tokens, the mask, the positions and the caches that grow. (Steps that share it run one at a
+    time, as a generation's steps do.)"""
+
+    feeds: dict[str, Any]
+    host: dict[str, np.ndarray]
+    dropped: frozenset[str]
+    binding: Any = None
 
 
 @dataclass
@@ -251,11 +268,13 @@ class OrtCausalLM:
             self._pools[key] = dict(past)
         return Cache(past=past, length=cache.length, capacity=capacity)
 
-    def run_flags(self, cache: Cache) -> dict[int, bool]:
-        """``run_layer.{i}`` for the next step: all true at prefill, else any sequence of the batch runs ``i``."""
-        if cache.decisions is None:
+    def run_flags(self, decisions: np.ndarray | None) -> dict[int, bool]:
+        """``run_layer.{i}`` for a step: all true at prefill (``decisions`` None), else whether any sequence of the
+        batch runs ``i`` by its ``decisions`` (B, R)."""
+        if decisions is None:
             return {i: True for i in self.routed_layers}
-        return {i: bool(cache.decisions[:, r].any()) for r, i in enumerate(self.routed_layers)}
+        runs = np.asarray(decisions, dtype=np.bool_).any(axis=0)
+        return {i: bool(runs[r]) for r, i in enumerate(self.routed_layers)}
 
     # ---- one step ----------------------------------------------------------------------------------------------
     def forward(
@@ -297,47 +316,75 @@ class OrtCausalLM:
             feeds["position_ids"] = np.ascontiguousarray(position_ids, dtype=self.position_dtype)
         if self.selects_logits:
             feeds["logits_positions"] = _logits_positions(b, t, last_only or greedy)
+        host: dict[str, np.ndarray] = {}
+        fixed = None
+        if self.gated and cache.decisions_value is not None:  # a step after the prefill: the decisions are kept
+            fixed = cache.fixed or self._fixed_inputs(cache.decisions, cache.decisions_value, b)
+        elif self.gated:  # prefill: the graph decides (every layer may run); this input is not read
+            feeds["routing_decisions"] = np.ones((b, len(self.routed_layers)), dtype=np.bool_)
+            host = {f"run_layer.{i}": np.array(True) for i in self.routed_layers}
         for i in self.kv_layers:
             k, v = cache.past[i]
             feeds[f"past_key_values.{i}.key"] = k
             feeds[f"past_key_values.{i}.value"] = v
-        host: dict[str, np.ndarray] = {}
-        flags = self.run_flags(cache)
-        if self.gated:
-            if cache.decisions_value is None:  # prefill: the graph decides; this input is not read
-                feeds["routing_decisions"] = np.ones((b, len(self.routed_layers)), dtype=np.bool_)
-            else:
-                feeds["routing_decisions"] = cache.decisions_value
-            for i in self.routed_layers:
-                host[f"run_layer.{i}"] = np.array(flags[i], dtype=np.bool_)
-
-        # a layer that keeps no cache returns its (empty) past as its present: not asked for, never fetched
-        dropped = {f"present.{i}.{kind}" for i in self.gated_kv_layers if cache.active and not cache.active.get(i, True)
-                   for kind in ("key", "value")}
+        dropped = fixed.dropped if fixed is not None else frozenset()
         wanted = [n for n in self.output_names if n not in _LOGITS and n not in dropped]
         fetched = self._fetched(last_only, greedy)
         wanted.append(fetched)
-        session = self.prefill_session if cache.decisions_value is None else self.session
+        session = self.prefill_session if fixed is None else self.session
+        if fixed is not None:
+            for name in fixed.feeds:
+                feeds.pop(name, None)  # bound once (IO binding) or merged below
         if self.io_binding:
-            outputs = self._run_io_binding(feeds, host, wanted, session=session)
+            binding = None
+            if fixed is not None:
+                if fixed.binding is None:
+                    fixed.binding = session.io_binding()
+                    for name, value in fixed.feeds.items():
+                        fixed.binding.bind_ortvalue_input(name, value)
+                    for name, value in fixed.host.items():
+                        fixed.binding.bind_cpu_input(name, value)
+                binding = fixed.binding
+            outputs = self._run_io_binding(feeds, host, wanted, session=session, binding=binding)
         else:
+            if fixed is not None:
+                feeds.update(fixed.feeds)
+                host = fixed.host
             outputs = self._run_plain(feeds, host, wanted, session=session)
         logits, next_token = self._read(fetched, outputs[fetched], last_only, greedy)
 
-        decisions, decisions_value = cache.decisions, cache.decisions_value
-        if self.gated and cache.decisions is None:
+        if not self.gated:
+            past = {i: (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"]) for i in self.kv_layers}
+            return StepOutput(logits=logits, cache=Cache(past=past, length=cache.length + t), next_token=next_token)
+        if fixed is None:  # prefill: the decisions the graph took, held from now on
             decisions_value = outputs["decisions"]
             decisions = _host(decisions_value).astype(np.bool_)
-        new = Cache(past={}, length=cache.length + t, decisions=decisions, decisions_value=decisions_value)
-        if self.gated:
-            new.active = {i: bool(decisions[:, r].any()) for r, i in enumerate(self.routed_layers)}
+            fixed = self._fixed_inputs(decisions, decisions_value, b)
+            active = self.run_flags(decisions)
+        else:
+            decisions, decisions_value = cache.decisions, cache.decisions_value
+            active = cache.active or self.run_flags(decisions)
+        new = Cache(past={}, length=cache.length + t, decisions=decisions, decisions_value=decisions_value,
+                    active=active, fixed=fixed)
         for i in self.kv_layers:
-            if i in self.gated_kv_layers and not new.active[i]:
-                # no sequence runs this layer from now on: it keeps no cache
+            if f"present.{i}.key" in fixed.dropped:  # no sequence runs this layer from now on: it keeps no cache
                 new.past[i] = (self._empty(b), self._empty(b))
             else:
                 new.past[i] = (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"])
         return StepOutput(logits=logits, cache=new, next_token=next_token)
+
+    def _fixed_inputs(self, decisions: np.ndarray, decisions_value: Any, batch: int) -> _FixedInputs:
+        """The inputs every step after a prefill with these decisions feeds alike, and the outputs it drops."""
+        active = self.run_flags(decisions)
+        feeds: dict[str, Any] = {"routing_decisions": decisions_value}
+        dropped = {"decisions"}
+        for i in self.gated_kv_layers:
+            if not active[i]:  # a layer that keeps no cache gets an empty past; its present is never fetched
+                for kind in ("key", "value"):
+                    feeds[f"past_key_values.{i}.{kind}"] = self._empty(batch)
+                    dropped.add(f"present.{i}.{kind}")
+        host = {f"run_layer.{i}": np.array(active[i], dtype=np.bool_) for i in self.routed_layers}
+        return _FixedInputs(feeds=feeds, host=host, dropped=frozenset(dropped))
 
     def _fetched(self, last_only: bool, greedy: bool) -> str:
         """The one logits-like output a step copies off the device."""
@@ -463,12 +510,16 @@ class OrtCausalLM:
 
     def _run_io_binding(self, feeds: dict[str, Any], host: dict[str, np.ndarray], wanted: list[str],
                         buffers: dict[str, Any] | None = None, options: Any = None,
-                        session: Any = None) -> dict[str, Any]:
+                        session: Any = None, binding: Any = None) -> dict[str, Any]:
         """Run ``session`` (default: the graph's) with IO binding: ``feeds`` on the device, ``host`` inputs in host
         memory, ``wanted`` outputs left where ONNX Runtime puts them, ``buffers`` outputs written into the given
-        OrtValues (not returned)."""
+        OrtValues (not returned). ``binding``: one of ``session``'s bindings with the other inputs already bound
+        (its outputs are bound anew)."""
         session = session or self.session
-        binding = session.io_binding()
+        if binding is None:
+            binding = session.io_binding()
+        else:
+            binding.clear_binding_outputs()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
                 value = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), self.device_type, 0)
