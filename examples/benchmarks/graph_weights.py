@@ -89,7 +89,8 @@ def manifest_entries(model: Any) -> list[dict[str, Any]]:
     names = [e["name"] for e in entries]
     if len(set(names)) != len(names):
         raise ArtifactMismatch("the graph stores two external initializers under one name")
-    return sorted(entries, key=lambda e: e["offset"])
+    # without the file (one for all), as the manifests of stripped graphs record them
+    return sorted(({k: v for k, v in e.items() if k != "file"} for e in entries), key=lambda e: e["offset"])
 
 
 def inline_initializers(model: Any) -> dict[str, np.ndarray]:

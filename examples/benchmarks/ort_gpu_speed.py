@@ -483,14 +483,18 @@ def bench_phase(args) -> None:
         r["prefill_ms"] = statistics.median(r["prefill_samples"])
         r["decode_ms"] = statistics.median(r["decode_samples"])
     torch_ = res["torch_pruned"]
-    ratios = {}
+    ratios, paired = {}, {}
     for key in measured:
         mode, _, variant = key.partition("@")
         static = "static" + (f"@{variant}" if variant else "")
         for phase in ("prefill", "decode"):
             if mode != "static":
+                mine, ref = res[f"ort_{key}"][f"{phase}_samples"], res[f"ort_{static}"][f"{phase}_samples"]
                 ratios[f"{key}_over_{static}_{phase}"] = (res[f"ort_{key}"][f"{phase}_ms"]
                                                          / res[f"ort_{static}"][f"{phase}_ms"])
+                # the median of the ratios of samples taken in the same round (the same place in it): the
+                # machine's load drifts over seconds, and both samples of a pair saw the same drift
+                paired[f"{key}_over_{static}_{phase}"] = statistics.median(a / b for a, b in zip(mine, ref))
             elif variant:
                 ratios[f"{key}_over_static_{phase}"] = res[f"ort_{key}"][f"{phase}_ms"] / res["ort_static"][f"{phase}_ms"]
     for key in measured:
@@ -502,7 +506,8 @@ def bench_phase(args) -> None:
             f"ort_{key}_speedup_vs_torch_cuda_graph_decode": torch_["decode_ms"] / static["decode_ms"],
             f"ort_{key}_speedup_vs_torch_eager_decode": torch_["decode_eager_ms"] / static["decode_ms"],
         }
-    log.update(results=res, ratios=ratios, seconds=time.perf_counter() - t0)
+    log.update(results=res, ratios=ratios, paired_ratios=paired, seconds=time.perf_counter() - t0)
+    print("paired ratios:", json.dumps({k: round(v, 4) for k, v in paired.items()}), flush=True)
     (out / "ort_speed.json").write_text(json.dumps(log, indent=1))
     print(json.dumps(ratios, indent=1))
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if not kk.endswith("samples")} for k, v in res.items()}, indent=1))
