@@ -22,6 +22,10 @@ nested ``If``; the GPU machine's torch 2.11 does not) and a 1B fp16 graph's weig
 explicit`` exports opset 18 with MatMul/Softmax attention. ``bench --placement`` also opens each graph once with
 ONNX Runtime's verbose log and reports, from that log, how many Memcpy nodes the CUDA EP added and which kernel the
 ``Attention`` nodes chose (flash, memory-efficient, unfused) at prefill and at decode.
+
+The sessions' samples are interleaved (one decode, ``--reps`` prefills per session and round, in an order rotated
+every round). ``ratios`` divides medians; ``paired_ratios`` is the median of the ratios of the samples taken in the
+same round, which the machine's drifting host load (a decode step here is partly host-bound) moves less.
 """
 
 from __future__ import annotations

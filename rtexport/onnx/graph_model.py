@@ -275,9 +275,13 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pas
     return out.transpose(1, 2).reshape(b, s, num_heads * d).to(q.dtype), keys, values
 
 
-def _masked_mean(hidden: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-    m = padding_mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+def _mean_weights(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T) in ``dtype``: each of this step's ``seq_len`` positions' weight in its sequence's mean over its real
+    tokens (1/count on real tokens, 0 on padding). Computed once per step for every router: a router's masked mean
+    is then one (B,1,T)x(B,T,hidden) matrix product of the activations as they are (accumulated in float32 by the
+    GPU's half-precision GEMM), not a float32 copy of them scaled, summed and divided per routed layer."""
+    pad = attention_mask[:, attention_mask.shape[1] - seq_len:].to(torch.float32)
+    return (pad / pad.sum(dim=1, keepdim=True).clamp_min(1.0))[:, None, :].to(dtype)
 
 
 class DecoderGraph(nn.Module):
@@ -591,12 +595,11 @@ class DecoderGraph(nn.Module):
                                                   kv_num_heads=self.num_kv_heads, scale=scaling)
         return layer.o_proj(out), keys, values
 
-    def _score(self, layer: _Layer, normed: torch.Tensor, attention_mask: torch.Tensor, threshold: float
-               ) -> torch.Tensor:
-        """(B,) bool: the router's decision for this step's tokens (masked mean over the real ones, float32)."""
-        pad = attention_mask[:, attention_mask.shape[1] - normed.shape[1]:]
-        pooled = _masked_mean(normed.to(torch.float32), pad)
-        return torch.sigmoid((pooled @ layer.router.weight.t()).squeeze(-1)) >= threshold
+    def _score(self, layer: _Layer, normed: torch.Tensor, weights: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(B,) bool: the router's decision for this step's tokens: its score of their mean over the real ones
+        (``weights``: ``_mean_weights``), scored in float32."""
+        pooled = (weights @ normed).to(torch.float32)  # (B, 1, hidden)
+        return torch.sigmoid((pooled @ layer.router.weight.t()).reshape(-1)) >= threshold
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(
@@ -677,12 +680,14 @@ class DecoderGraph(nn.Module):
             held = torch.split(routing_decisions[:, :, None], 1, dim=1)
         if phase == "logical":
             is_prefill = _is_prefill(input_ids, attention_mask)
+        # the routers' mean weights, once for every routed layer (the decode phase runs no router)
+        mean_weights = _mean_weights(attention_mask, t, x.dtype) if phase in ("prefill", "logical") else None
 
         for i, layer in enumerate(self.layers):
             mask = masks[spec.sliding_windows.get(i)]
             if phase != "static" and i in spec.routed_layers:
                 r = spec.routed_layers.index(i)
-                x, kv, dec = self._routed_layer(layer, x, past.get(i), cos, sin, mask, attention_mask,
+                x, kv, dec = self._routed_layer(layer, x, past.get(i), cos, sin, mask, mean_weights,
                                                 held[r] if held else None, run_layer[r], phase, is_prefill)
                 decisions.append(dec)
                 if kv is not None:
@@ -748,7 +753,7 @@ class DecoderGraph(nn.Module):
 
         return taken, skipped
 
-    def _routed_layer(self, layer, x, kv, cos, sin, mask, attention_mask, given, run, phase, is_prefill):
+    def _routed_layer(self, layer, x, kv, cos, sin, mask, mean_weights, given, run, phase, is_prefill):
         r"""One routed sub-block; returns ``(x, (present_k, present_v) or None, decision)``, the decision (B, 1, 1)
         (None at decode, where the held decisions are the output).
 
@@ -778,7 +783,7 @@ class DecoderGraph(nn.Module):
         if phase == "decode":
             dec, condition = None, run
         else:
-            scored = (self._score(layer, normed, attention_mask, spec.threshold) & run)[:, None, None]
+            scored = (self._score(layer, normed, mean_weights, spec.threshold) & run)[:, None, None]
             if phase == "logical":
                 # (ONNX Runtime has no bool Where kernel: select with logical ops)
                 dec, condition = (is_prefill & scored) | (~is_prefill & given), run

@@ -6,12 +6,15 @@ graph serves both phases on its own, but ONNX Runtime runs every decode step's ~
 which costs more per node than the main graph. On the H200 (Llama-3-8B shape, fp16, BENCHMARKS.md session 7) the
 decode step with its per-layer ``If``\\ s lifted into the main graph measured 0.99 of the static graph's step where
 the same step inside the prefill ``If`` measured 1.05-1.06 (``examples/benchmarks/ort_gated_layouts.py``); through
-the runner, 1.03-1.05 against 1.04-1.09.
+the runner, 0.99-1.01 (session 8, with the inputs the prefill fixes bound once) against 1.02-1.04 for
+``model.onnx`` alone.
 
 So the export also writes each branch lifted into a graph of its own: the same inputs, outputs, metadata and node
 names, the initializers that branch reads, and the same weights file (``model.onnx.data``, by reference: no byte of
 weights is written twice). Every routed block is still inside its own ``If`` in both; only the prefill flag's
-``If`` is gone, because the caller (``runtime.OrtCausalLM``) knows which phase it runs. ``phase_graphs.json`` names
+``If`` is gone, because the caller (``runtime.OrtCausalLM``) knows which phase it runs. A main-graph node that only
+one branch of one ``If`` reads moves into that branch: in the decode graph, a routed layer's input norm (no router
+reads it there) then runs only when the layer does. ``phase_graphs.json`` names
 the two graphs and where each weight lies in the weights file, so that the runner (numpy and onnxruntime only)
 loads the weights once and gives the two sessions the same tensors.
 """

@@ -10,7 +10,10 @@ and output names:
   prefill (the graph computes the decisions; every ``run_layer.{i}`` is true then), the caller keeps the returned
   ``decisions`` and feeds them back at every later step, with ``run_layer.{i}`` = any sequence of the batch runs
   layer ``i`` (a host-side bool: ORT's ``If`` reads its condition on the host, so no device-to-host copy is needed).
-  A layer that no sequence runs gets an empty past and its present is dropped.
+  A layer that no sequence runs gets an empty past and its present is dropped. Those inputs do not change after
+  the prefill, so with IO binding they are bound once, in one binding that the generation's later steps reuse
+  (each step binds only its tokens, mask, positions and the caches that grow): a gated decode step then costs the
+  host what a static graph's step does.
 
 * ``cache_position``: a static graph with a preallocated KV cache. Each past is a buffer as long as the whole
   generation (``capacity``), bound as its own present, so the graph writes this step's K/V into it in place (ONNX
