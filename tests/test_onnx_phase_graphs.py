@@ -251,3 +251,20 @@ def test_steps_after_the_prefill_bind_their_fixed_inputs_once():
     for i in skipped:
         assert a.cache.past[i][0].shape()[2] == 0  # still no cache for a layer nobody runs
     assert b.cache.length == a.cache.length + 1
+
+
+def test_the_routers_mean_weights_are_computed_once_per_step():
+    case = exported("llama", "gated")
+    prefill = onnx.load(case.onnx_dir / "prefill.onnx", load_external_data=False).graph
+    # one ReduceSum (the real tokens per sequence) for every router, not a float32 copy summed per routed layer
+    assert [n.op_type for n in prefill.node].count("ReduceSum") == 1
+    producer = {o: n for n in prefill.node for o in n.output}
+
+    def source(name):  # through a cast to float32 (float16 graphs)
+        node = producer[name]
+        return source(node.input[0]) if node.op_type == "Cast" else node
+
+    routers = [n for n in prefill.node if n.op_type == "MatMul" and "router" in n.input[1]]
+    means = [source(n.input[0]) for n in routers]  # each router's masked mean: (B,1,T) weights x (B,T,hidden)
+    assert len(routers) == len(ROUTED_LAYERS) and all(n.op_type == "MatMul" for n in means)
+    assert len({n.input[0] for n in means}) == 1  # the same weights for every router
