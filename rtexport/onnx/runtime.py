@@ -630,7 +630,8 @@ class _SharedWeights:
     """The weights ``entries`` (``phase_graphs.json``'s ``initializers``) of the files in ``folder``, each read once
     as an OrtValue that does not own its memory, to be given to several sessions: on the CPU, views of a read-only
     memory map; on CUDA, one device copy viewed through DLPack (ONNX Runtime uses such an initializer in place when
-    it sits on the device its kernels read; on the CPU it still prepacks a MatMul's weights per session)."""
+    it sits on the device its kernels read: two phase sessions measured the device memory of one session; on the
+    CPU it still prepacks a MatMul's weights per session)."""
 
     def __init__(self, folder: Path, entries: list[dict[str, Any]], device_type: str):
         import onnxruntime as ort
