@@ -207,9 +207,12 @@ def test_decode_graph_computes_a_skipped_layers_input_norm_only_in_its_run_branc
                             stack += [a.g for a in n.attribute if a.g is not None and a.g.node]
                     for name in names:
                         readers.setdefault(name, set()).add((k, attr.name))
-        return [n.name for n in graph.node if n.output
-                and len(set().union(*(readers.get(o, set()) for o in n.output))) == 1
-                and next(iter(set().union(*(readers.get(o, set()) for o in n.output))))[1] in ("then_branch", "else_branch")]
+        found = []
+        for n in graph.node:
+            where = set().union(*(readers.get(o, set()) for o in n.output))
+            if len(where) == 1 and next(iter(where))[1] in ("then_branch", "else_branch"):
+                found.append(n.name)
+        return found
 
     assert branch_only(decode) == []
     for node in _ifs(decode):  # each run branch starts from the layer's input, not from its norm
@@ -268,3 +271,19 @@ def test_the_routers_mean_weights_are_computed_once_per_step():
     means = [source(n.input[0]) for n in routers]  # each router's masked mean: (B,1,T) weights x (B,T,hidden)
     assert len(routers) == len(ROUTED_LAYERS) and all(n.op_type == "MatMul" for n in means)
     assert len({n.input[0] for n in means}) == 1  # the same weights for every router
+
+
+def test_model_onnx_can_share_the_phase_graphs_weights():
+    case = exported("llama", "gated")
+    phases = OrtCausalLM(case.onnx_dir, phase_graphs=True)
+    single = OrtCausalLM(case.onnx_dir, phase_graphs=False, share_weights_with=phases)
+    assert single._weights is phases._weights and not single.phases
+    alone = OrtCausalLM(case.onnx_dir, phase_graphs=False)
+    ids = np.random.default_rng(3).integers(0, 256, size=(2, 6))
+    assert single.generate(ids, max_new_tokens=8).tolist() == alone.generate(ids, max_new_tokens=8).tolist()
+    # a runner without shared weights, or of another export, has none to give
+    with pytest.raises(ValueError, match="share_weights_with"):
+        OrtCausalLM(case.onnx_dir, phase_graphs=False, share_weights_with=alone)
+    other = exported("qwen2", "gated")
+    with pytest.raises(ValueError, match="share_weights_with"):
+        OrtCausalLM(other.onnx_dir, phase_graphs=False, share_weights_with=phases)

@@ -373,10 +373,10 @@ def validate(
 
     # a gated export with phase graphs: validated through them (what the runner runs on CUDA), and model.onnx, which
     # serves both phases alone (and is what the runner runs on the CPU), is checked against them: the same logits,
-    # the same greedy tokens
+    # the same greedy tokens. Both are given the one copy of the weights the phase graphs' sessions hold.
     ort_model = OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding, phase_graphs=True)
-    single = (OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding, phase_graphs=False)
-              if ort_model.phases else None)
+    single = (OrtCausalLM(onnx_dir, providers=providers, io_binding=io_binding, phase_graphs=False,
+                          share_weights_with=ort_model) if ort_model.phases else None)
     single_diff, single_same = 0.0, 0
     gated = info["mode"] == "gated"
     max_diff, top1_hits, real = 0.0, 0, 0

@@ -119,6 +119,7 @@ class OrtCausalLM:
         reserve: int = 256,
         phase_graphs: bool | None = None,
         share_weights: bool = True,
+        share_weights_with: OrtCausalLM | None = None,
     ):
         """``cuda_graph``: replay decode steps as a CUDA graph (a preallocated-cache graph on
         CUDAExecutionProvider; ignored on the CPU). ``reserve``: slots a preallocated cache holds beyond the prompt
@@ -127,7 +128,10 @@ class OrtCausalLM:
         sessions given the same weight tensors (added to ``session_options``); False: run ``path`` for both; None
         (default): the phase graphs on CUDA, ``path`` on the CPU (there ONNX Runtime prepacks each session's MatMul
         weights, so two sessions hold two copies whatever they are given). ``share_weights=False``: each phase
-        session loads the weights itself.
+        session loads the weights itself. ``share_weights_with``: a runner of the same export whose sessions were
+        given shared weights: this one's sessions (phase graphs or ``path`` alone) get the same tensors, so that
+        both runners hold one copy of the weights between them (validate's check of ``model.onnx`` against the
+        phase graphs does this).
 
         ``session`` runs the steps after a prefill (``decode.onnx`` with phase graphs), ``prefill_session`` the
         prefills (``prefill.onnx``); without phase graphs both are the session of ``path``."""
@@ -147,9 +151,15 @@ class OrtCausalLM:
                 and "CUDAExecutionProvider" in ort.get_available_providers())
         self.phases = manifest.is_file() and (cuda if phase_graphs is None else bool(phase_graphs))
         self._weights = None
+        if share_weights_with is not None:
+            if share_weights_with._weights is None or share_weights_with.path.parent.resolve() != path.parent.resolve():
+                raise ValueError(f"share_weights_with must be a runner of {path.parent} whose sessions were given "
+                                 "shared weights (its phase graphs, share_weights=True)")
+            self._weights = share_weights_with._weights
+            session_options = self._weights.add_to(session_options or ort.SessionOptions())
         if self.phases:  # a gated export's two phase graphs, given the same weight tensors
             phases = _read_phases(manifest)
-            if share_weights:
+            if share_weights and self._weights is None:
                 self._weights = _SharedWeights(path.parent, phases["initializers"], "cuda" if cuda else "cpu")
                 session_options = self._weights.add_to(session_options or ort.SessionOptions())
             graphs = phases["graphs"]
