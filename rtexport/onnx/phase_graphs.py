@@ -14,9 +14,9 @@ names, the initializers that branch reads, and the same weights file (``model.on
 weights is written twice). Every routed block is still inside its own ``If`` in both; only the prefill flag's
 ``If`` is gone, because the caller (``runtime.OrtCausalLM``) knows which phase it runs. A main-graph node that only
 one branch of one ``If`` reads moves into that branch: in the decode graph, a routed layer's input norm (no router
-reads it there) then runs only when the layer does. ``phase_graphs.json`` names
-the two graphs and where each weight lies in the weights file, so that the runner (numpy and onnxruntime only)
-loads the weights once and gives the two sessions the same tensors.
+reads it there) then runs only when the layer does. ``phase_graphs.json`` names the two graphs and where each weight
+lies in the weights file, so that the runner (numpy and onnxruntime only) loads the weights once and gives the two
+sessions the same tensors.
 """
 
 from __future__ import annotations
