@@ -236,24 +236,28 @@ def test_steps_after_the_prefill_bind_their_fixed_inputs_once():
     else:
         pytest.fail("no sequence skips a routed layer")
     skipped = [i for r, i in enumerate(lm.routed_layers) if not first.cache.decisions[0, r]]
-    fixed = first.cache.fixed
-    assert {f"past_key_values.{i}.{kind}" for i in skipped for kind in ("key", "value")} < set(fixed.feeds)
-    assert "routing_decisions" in fixed.feeds and "decisions" in fixed.dropped
-    assert {k: bool(v) for k, v in fixed.host.items()} == {f"run_layer.{i}": i not in skipped for i in lm.routed_layers}
+    routing = first.cache.routing
+    assert {f"past_key_values.{i}.{kind}" for i in skipped for kind in ("key", "value")} < set(routing.feeds)
+    assert "routing_decisions" in routing.feeds and "decisions" in routing.dropped
+    assert {k: bool(v) for k, v in routing.host.items()} == {f"run_layer.{i}": i not in skipped
+                                                            for i in lm.routed_layers}
     ref = plain.forward(ids, np.ones_like(ids))
     mask = np.ones((1, ids.shape[1] + 1), dtype=np.int64)
+    mask2 = np.ones((1, ids.shape[1] + 2), dtype=np.int64)
     token = first.logits[:, -1].argmax(-1)[:, None]
     a = lm.forward(token, mask, cache=first.cache)
-    mask2 = np.ones((1, ids.shape[1] + 2), dtype=np.int64)
-    b = lm.forward(a.logits[:, -1].argmax(-1)[:, None], mask2, cache=a.cache)  # a later step, then ...
+    token2 = a.logits[:, -1].argmax(-1)[:, None]
+    b = lm.forward(token2, mask2, cache=a.cache)  # a later step, then ...
     again = lm.forward(token, mask, cache=first.cache)  # ... the first cache continued a second time
     want = plain.forward(token, mask, cache=ref.cache)
-    assert a.cache.fixed.binding is not None and again.cache.fixed.binding is a.cache.fixed.binding
+    want2 = plain.forward(token2, mask2, cache=want.cache)
+    assert a.cache.routing.binding is not None and again.cache.routing.binding is a.cache.routing.binding
     assert np.abs(a.logits - want.logits).max() <= 1e-5
+    assert np.abs(b.logits - want2.logits).max() <= 1e-5
     assert np.abs(again.logits - want.logits).max() <= 1e-5
     for i in skipped:
         assert a.cache.past[i][0].shape()[2] == 0  # still no cache for a layer nobody runs
-    assert b.cache.length == a.cache.length + 1
+    assert b.cache.active == {i: i not in skipped for i in lm.routed_layers}
 
 
 def test_the_routers_mean_weights_are_computed_once_per_step():

@@ -68,7 +68,8 @@ def position_ids_from_mask(attention_mask: np.ndarray, seq_len: int) -> np.ndarr
 
 @dataclass
 class Cache:
-    """What a later step needs: the KV per layer (numpy arrays or OrtValues) and, for gated graphs, the decisions.
+    """What a later step needs: the KV per layer (numpy arrays or OrtValues) and, for gated graphs after the prefill,
+    what the prefill decided (``routing``; ``decisions``, ``decisions_value`` and ``active`` read it).
 
     A preallocated cache's buffers hold ``capacity`` slots, the first ``length`` of them written. Later steps write
     only slots at or after their cache's ``length``, so an earlier ``Cache`` of the same generation stays valid for
@@ -77,22 +78,35 @@ class Cache:
     past: dict[int, tuple[Any, Any]]
     length: int
     capacity: int = 0
-    decisions: np.ndarray | None = None  # (B, R) bool on the host, fixed at prefill
-    decisions_value: Any = None  # the same decisions as the graph returned them (an OrtValue when IO-binding)
-    active: dict[int, bool] = field(default_factory=dict)  # routed layer -> any sequence runs it
-    # a gated graph's inputs that every step after the prefill feeds alike (made at the prefill)
-    fixed: _FixedInputs | None = field(default=None, repr=False)
+    routing: _Routing | None = field(default=None, repr=False)
+
+    @property
+    def decisions(self) -> np.ndarray | None:
+        """(B, R) bool on the host, fixed at prefill."""
+        return None if self.routing is None else self.routing.decisions
+
+    @property
+    def decisions_value(self) -> Any:
+        """The same decisions as the graph returned them (an OrtValue when IO-binding)."""
+        return None if self.routing is None else self.routing.feeds["routing_decisions"]
+
+    @property
+    def active(self) -> dict[int, bool]:
+        """Routed layer -> any sequence of the batch runs it."""
+        return {} if self.routing is None else dict(self.routing.active)
 
 
 @dataclass
-class _FixedInputs:
-    """What every step of a gated graph after its prefill feeds alike: the decisions and the empty pasts of the
-    layers no sequence runs (``feeds``), the ``run_layer`` flags (``host``), and the outputs those steps drop
-    (those layers' presents, the decisions they return unchanged). With IO binding, ``binding`` is the decode
-    session's binding with all of them bound, made at the first step and reused by the later ones, which bind only
-    what changes: the tokens, the mask, the positions and the caches that grow. (Steps that share it run one at a
-    time, as a generation's steps do.)"""
+class _Routing:
+    """What a gated graph's prefill decided, and what every later step therefore feeds alike: the decisions (as
+    the graph returned them) and the empty pasts of the layers no sequence runs (``feeds``), the ``run_layer``
+    flags (``host``), and the outputs those steps drop (those layers' presents, the decisions they return
+    unchanged). With IO binding, ``binding`` is the decode session's binding with all of them bound, made at the
+    first step and reused by the later ones, which bind only what changes: the tokens, the mask, the positions and
+    the caches that grow. (Steps that share it run one at a time, as a generation's steps do.)"""
 
+    decisions: np.ndarray  # (B, R) bool on the host
+    active: dict[int, bool]  # routed layer -> any sequence runs it
     feeds: dict[str, Any]
     host: dict[str, np.ndarray]
     dropped: frozenset[str]
@@ -330,64 +344,53 @@ class OrtCausalLM:
         if self.selects_logits:
             feeds["logits_positions"] = _logits_positions(b, t, last_only or greedy)
         host: dict[str, np.ndarray] = {}
-        fixed = None
-        if self.gated and cache.decisions_value is not None:  # a step after the prefill: the decisions are kept
-            fixed = cache.fixed or self._fixed_inputs(cache.decisions, cache.decisions_value, b)
-        elif self.gated:  # prefill: the graph decides (every layer may run); this input is not read
+        routing = cache.routing if self.gated else None  # None at prefill: the graph decides
+        if self.gated and routing is None:  # every layer may run; this input is not read
             feeds["routing_decisions"] = np.ones((b, len(self.routed_layers)), dtype=np.bool_)
             host = {f"run_layer.{i}": np.array(True) for i in self.routed_layers}
         for i in self.kv_layers:
+            if routing is not None and f"past_key_values.{i}.key" in routing.feeds:
+                continue  # a layer no sequence runs: its empty past is one of the fixed inputs
             k, v = cache.past[i]
             feeds[f"past_key_values.{i}.key"] = k
             feeds[f"past_key_values.{i}.value"] = v
-        dropped = fixed.dropped if fixed is not None else frozenset()
+        dropped = routing.dropped if routing is not None else frozenset()
         wanted = [n for n in self.output_names if n not in _LOGITS and n not in dropped]
         fetched = self._fetched(last_only, greedy)
         wanted.append(fetched)
-        session = self.prefill_session if fixed is None else self.session
-        if fixed is not None:
-            for name in fixed.feeds:
-                feeds.pop(name, None)  # bound once (IO binding) or merged below
+        session = self.prefill_session if routing is None else self.session
         if self.io_binding:
-            binding = None
-            if fixed is not None:
-                if fixed.binding is None:
-                    fixed.binding = session.io_binding()
-                    for name, value in fixed.feeds.items():
-                        fixed.binding.bind_ortvalue_input(name, value)
-                    for name, value in fixed.host.items():
-                        fixed.binding.bind_cpu_input(name, value)
-                binding = fixed.binding
-            outputs = self._run_io_binding(feeds, host, wanted, session=session, binding=binding)
+            if routing is not None and routing.binding is None:
+                routing.binding = session.io_binding()
+                for name, value in routing.feeds.items():
+                    routing.binding.bind_ortvalue_input(name, value)
+                for name, value in routing.host.items():
+                    routing.binding.bind_cpu_input(name, value)
+            outputs = self._run_io_binding(feeds, host, wanted, session=session,
+                                           binding=None if routing is None else routing.binding)
         else:
-            if fixed is not None:
-                feeds.update(fixed.feeds)
-                host = fixed.host
+            if routing is not None:
+                feeds.update(routing.feeds)
+                host = routing.host
             outputs = self._run_plain(feeds, host, wanted, session=session)
         logits, next_token = self._read(fetched, outputs[fetched], last_only, greedy)
 
         if not self.gated:
             past = {i: (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"]) for i in self.kv_layers}
             return StepOutput(logits=logits, cache=Cache(past=past, length=cache.length + t), next_token=next_token)
-        if fixed is None:  # prefill: the decisions the graph took, held from now on
-            decisions_value = outputs["decisions"]
-            decisions = _host(decisions_value).astype(np.bool_)
-            fixed = self._fixed_inputs(decisions, decisions_value, b)
-            active = self.run_flags(decisions)
-        else:
-            decisions, decisions_value = cache.decisions, cache.decisions_value
-            active = cache.active or self.run_flags(decisions)
-        new = Cache(past={}, length=cache.length + t, decisions=decisions, decisions_value=decisions_value,
-                    active=active, fixed=fixed)
+        if routing is None:  # prefill: the decisions the graph took, held from now on
+            routing = self._routing(outputs["decisions"], b)
+        new = Cache(past={}, length=cache.length + t, routing=routing)
         for i in self.kv_layers:
-            if f"present.{i}.key" in fixed.dropped:  # no sequence runs this layer from now on: it keeps no cache
+            if f"present.{i}.key" in routing.dropped:  # no sequence runs this layer from now on: it keeps no cache
                 new.past[i] = (self._empty(b), self._empty(b))
             else:
                 new.past[i] = (outputs[f"present.{i}.key"], outputs[f"present.{i}.value"])
         return StepOutput(logits=logits, cache=new, next_token=next_token)
 
-    def _fixed_inputs(self, decisions: np.ndarray, decisions_value: Any, batch: int) -> _FixedInputs:
-        """The inputs every step after a prefill with these decisions feeds alike, and the outputs it drops."""
+    def _routing(self, decisions_value: Any, batch: int) -> _Routing:
+        """What a prefill that returned ``decisions_value`` decided, and the inputs every later step feeds alike."""
+        decisions = _host(decisions_value).astype(np.bool_)
         active = self.run_flags(decisions)
         feeds: dict[str, Any] = {"routing_decisions": decisions_value}
         dropped = {"decisions"}
@@ -397,7 +400,7 @@ class OrtCausalLM:
                     feeds[f"past_key_values.{i}.{kind}"] = self._empty(batch)
                     dropped.add(f"present.{i}.{kind}")
         host = {f"run_layer.{i}": np.array(active[i], dtype=np.bool_) for i in self.routed_layers}
-        return _FixedInputs(feeds=feeds, host=host, dropped=frozenset(dropped))
+        return _Routing(decisions=decisions, active=active, feeds=feeds, host=host, dropped=frozenset(dropped))
 
     def _fetched(self, last_only: bool, greedy: bool) -> str:
         """The one logits-like output a step copies off the device."""
