@@ -192,9 +192,12 @@ def export_onnx(
     path = run_export(loaded, graph_dir, mode=mode, plan=plan, routed=routed, dtype=onnx_dtype, opset=opset,
                       attention=attention, kv_cache=kv_cache, logits=logits)
     Console().print(f"{mode} graph -> {path}")
-    if (path.parent / "phase_graphs.json").is_file():
-        Console().print(f"its phases as graphs of their own -> {path.parent / 'prefill.onnx'}, "
-                        f"{path.parent / 'decode.onnx'} (run on CUDA by run_ort.py / OrtCausalLM)", soft_wrap=True)
+    from .onnx.phase_graphs import MANIFEST_NAME, PHASE_GRAPHS
+
+    if (path.parent / MANIFEST_NAME).is_file():
+        phases = ", ".join(str(path.parent / name) for name in PHASE_GRAPHS.values())
+        Console().print(f"its phases as graphs of their own -> {phases} (run on CUDA by run_ort.py / OrtCausalLM)",
+                        soft_wrap=True)
     if fmt == "ort-gpu":
         import shutil
 

@@ -277,6 +277,19 @@ def fill(dest: Path, graph_module: torch.nn.Module) -> Path:
     return dest / DATA_NAME
 
 
+def fill_gated(dest: Path, loaded: Any, routed: Any) -> Path:
+    """``fill`` a gated export's weights from ``loaded`` with ``routed``'s routers, and write its phase graphs when
+    an export made before gated exports wrote them lacks them (their weights manifest must match the filled file)."""
+    from rtexport.onnx.phase_graphs import MANIFEST_NAME as PHASES_MANIFEST
+    from rtexport.onnx.phase_graphs import write_phase_graphs
+
+    path = fill(dest, graph_module_from_info(loaded, dest, routed=routed))
+    info = read_json(Path(dest) / INFO_NAME)
+    if info.get("prefill_select") == "cond" and not (Path(dest) / PHASES_MANIFEST).is_file():
+        write_phase_graphs(dest)
+    return path
+
+
 # ---- the module export_onnx exports ----------------------------------------------------------------------------
 def graph_module_from_info(loaded: Any, folder: Path, *, plan: Any = None, routed: Any = None) -> DecoderGraph:
     """``build_graph_module`` with the mode, dtype, opset, attention, prefill select, KV cache and logits that ``folder``'s

@@ -253,7 +253,7 @@ def selfcheck(args) -> None:
 def bench(args) -> None:
     import onnxruntime as ort
     import torch
-    from graph_weights import fill, graph_module_from_info
+    from graph_weights import fill, fill_gated, graph_module_from_info
     from ort_gpu_speed import _model_and_plan, routers_choosing_plan
 
     from rtexport.bench_run import ort_decode_once, ort_prefill_once
@@ -276,7 +276,7 @@ def bench(args) -> None:
     log = {"export": record, "ort": ort.__version__, "torch": torch.__version__, "prompt": args.prompt,
            "new_tokens": args.new_tokens, "batches": batches, "torch_routers_skip": chosen, "all_run": args.all_run}
     t = time.perf_counter()
-    fill(graphs / "gated", graph_module_from_info(loaded, graphs / "gated", routed=routed))
+    fill_gated(graphs / "gated", loaded, routed)
     routed.unwrap()
     if not args.all_run:
         fill(graphs / "static", graph_module_from_info(loaded, graphs / "static", plan=plan))

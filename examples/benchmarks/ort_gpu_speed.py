@@ -305,8 +305,9 @@ def routers_choosing_plan(loaded, plan: SkipPlan, ids: torch.Tensor) -> tuple[Ro
 
 def bench_phase(args) -> None:
     import onnxruntime as ort
-    from graph_weights import fill, graph_module_from_info
+    from graph_weights import fill, fill_gated, graph_module_from_info
 
+    from rtexport.onnx.phase_graphs import MANIFEST_NAME as PHASES_MANIFEST
     from rtexport.onnx.runtime import OrtCausalLM
     from rtexport.pruning import load_pruned, prune
 
@@ -341,12 +342,8 @@ def bench_phase(args) -> None:
     prealloc = sorted(name for name, info in infos.items() if info.get("kv_cache") == "preallocated")
     modes = ["static", *prealloc, *gated]
     t = time.perf_counter()
-    from rtexport.onnx.phase_graphs import write_phase_graphs
-
     for mode in gated:
-        fill(graphs / mode, graph_module_from_info(loaded, graphs / mode, routed=routed))
-        if infos[mode].get("prefill_select") == "cond" and not (graphs / mode / "phase_graphs.json").is_file():
-            write_phase_graphs(graphs / mode)  # an export made before gated exports wrote them
+        fill_gated(graphs / mode, loaded, routed)
     routed.unwrap()
     for mode in ["static", *prealloc]:
         fill(graphs / mode, graph_module_from_info(loaded, graphs / mode, plan=plan))
@@ -379,7 +376,7 @@ def bench_phase(args) -> None:
             # a gated export's phase graphs when it has them (the runner's choice on CUDA), on any device
             sessions[key] = OrtCausalLM(graphs / mode, providers=providers, session_options=session_options(variant),
                                         cuda_graph=mode in prealloc and args.device == "cuda", phase_graphs=True)
-            if mode in gated and (graphs / mode / "phase_graphs.json").is_file():
+            if mode in gated and (graphs / mode / PHASES_MANIFEST).is_file():
                 # the gated export's own single graph too (prefill If around both phases), next to its phase graphs
                 sessions[f"{key}_single"] = OrtCausalLM(graphs / mode, providers=providers,
                                                         session_options=session_options(variant), phase_graphs=False)

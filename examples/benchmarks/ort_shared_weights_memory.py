@@ -74,10 +74,9 @@ def main() -> None:
         ap.error("--graphs is required")
 
     import torch
-    from graph_weights import fill, graph_module_from_info
+    from graph_weights import fill_gated
     from ort_gpu_speed import _model_and_plan
 
-    from rtexport.onnx.phase_graphs import MANIFEST_NAME, write_phase_graphs
     from rtexport.routing import RoutedModel
 
     graphs, out = Path(args.graphs), Path(args.out)
@@ -88,9 +87,7 @@ def main() -> None:
                                    torch.float16 if args.device == "cuda" else torch.float32)
     vocab = loaded.model.config.vocab_size
     routed = RoutedModel.from_model(loaded.model, layers=plan.candidates, base_model_id=loaded.source.model_id)
-    fill(folder, graph_module_from_info(loaded, folder, routed=routed))
-    if not (folder / MANIFEST_NAME).is_file():
-        write_phase_graphs(folder)  # an export made before gated exports wrote them
+    fill_gated(folder, loaded, routed)
     del loaded, routed
     if args.device == "cuda":
         torch.cuda.empty_cache()
