@@ -278,8 +278,9 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pas
 def _mean_weights(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, T) in ``dtype``: each of this step's ``seq_len`` positions' weight in its sequence's mean over its real
     tokens (1/count on real tokens, 0 on padding). Computed once per step for every router: a router's masked mean
-    is then one (B,1,T)x(B,T,hidden) matrix product of the activations as they are (accumulated in float32 by the
-    GPU's half-precision GEMM), not a float32 copy of them scaled, summed and divided per routed layer."""
+    is then one (B,1,T)x(B,T,hidden) matrix product of the activations as they are (ONNX Runtime's CUDA half GEMM
+    accumulates in float32 by default: its ``HalfGemmOptions``, CUBLAS_COMPUTE_32F), not a float32 copy of them
+    scaled, summed and divided per routed layer."""
     pad = attention_mask[:, attention_mask.shape[1] - seq_len:].to(torch.float32)
     return (pad / pad.sum(dim=1, keepdim=True).clamp_min(1.0))[:, None, :].to(dtype)
 
