@@ -18,6 +18,11 @@ derives, by rewriting the ONNX file (no re-export; the weights file is shared):
 * ``prefill_inlined``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by the branch the plan
   takes. Its routers still score every routed layer (the decisions output), but no condition goes to the host: what
   the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels.
+* ``prefill_masked``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by its taken branch: every
+  routed block runs for the whole batch and each sequence keeps its output only where its router says run (the
+  taken branch's ``Where``). No condition goes to the host and nothing depends on knowing the plan: the exact gated
+  prefill (same logits, same decisions; a layer no sequence runs returns a cache that the runner drops), paying the
+  skipped blocks' compute instead of the host copies.
 
 The decode layouts compute the decode step only (a prefill through them would use the held decisions); the
 benchmark prefills with the gated graph and continues with each layout on that cache. Their greedy tokens must equal
@@ -49,7 +54,7 @@ import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
 
 LAYOUTS = ("flat", "inlined", "flat_max")  # and "part:A-B" (see derive)
-PREFILL_LAYOUTS = ("prefill_inlined",)
+PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked")
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
@@ -126,6 +131,8 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
     part = None
     if layout == "prefill_inlined":
         return _prefill_inlined(lift_phase(model, "prefill"), skip)
+    if layout == "prefill_masked":
+        return _prefill_inlined(lift_phase(model, "prefill"), set())
     if layout.startswith("part:"):
         part = tuple(int(v) for v in layout[5:].split("-"))
     elif layout not in LAYOUTS:
@@ -192,11 +199,14 @@ def decode_after(prefill_lm, lm, ids: np.ndarray, steps: int) -> tuple[float, np
     return 1000 * (time.perf_counter() - start) / steps, np.stack(tokens, axis=1)
 
 
-def prefill_agrees(gated, lm, ids: np.ndarray) -> bool:
-    """A prefill layout's first greedy token and decisions equal the gated graph's on ``ids``."""
-    a = gated.forward(ids, np.ones_like(ids), greedy=True)
-    b = lm.forward(ids, np.ones_like(ids), greedy=True)
-    return bool((a.next_token == b.next_token).all() and (a.cache.decisions == b.cache.decisions).all())
+def prefill_agrees(gated, lm, ids: np.ndarray) -> dict:
+    """A prefill layout against the gated graph on ``ids``: whether its first greedy token and decisions are the
+    same, and the largest absolute difference of their last position's logits."""
+    a = gated.forward(ids, np.ones_like(ids), last_only=True)
+    b = lm.forward(ids, np.ones_like(ids), last_only=True)
+    same = (a.logits.argmax(-1) == b.logits.argmax(-1)).all() and (a.cache.decisions == b.cache.decisions).all()
+    diff = np.abs(a.logits.astype(np.float32) - b.logits.astype(np.float32)).max()
+    return {"same_token_and_decisions": bool(same), "last_logits_max_abs_diff": float(diff)}
 
 
 def selfcheck(args) -> None:
@@ -238,9 +248,10 @@ def selfcheck(args) -> None:
             _, reference = decode_after(gated, gated, ids, 16)
             for layout, path in paths.items():
                 if layout in PREFILL_LAYOUTS:
-                    ok = prefill_agrees(gated, OrtCausalLM(path, providers=["CPUExecutionProvider"]), ids)
-                    print(layout, "first token and decisions equal the gated graph's:", ok)
-                    if not ok:
+                    agree = prefill_agrees(gated, OrtCausalLM(path, providers=["CPUExecutionProvider"]), ids)
+                    print(layout, "against the gated graph's prefill:", agree)
+                    # the same kernels on the same inputs: the logits are the gated prefill's, bit for bit
+                    if not agree["same_token_and_decisions"] or agree["last_logits_max_abs_diff"] != 0.0:
                         raise SystemExit(1)
                     continue
                 _, tokens = decode_after(gated, OrtCausalLM(path, providers=["CPUExecutionProvider"]), ids, 16)
@@ -262,19 +273,24 @@ def bench(args) -> None:
     graphs, out = Path(args.graphs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = json.loads((graphs / "bench.json").read_text())
-    loaded, plan = _model_and_plan(record["shape"], len(record["skip"]), "cuda", torch.float16)
+    device = args.device
+    loaded, plan = _model_and_plan(record["shape"], len(record["skip"]), device,
+                                   torch.float16 if device == "cuda" else torch.float32)
     vocab = loaded.model.config.vocab_size
     batches = [int(b) for b in args.batches.split(",")]
-    prompts = {b: np.random.default_rng(0).integers(0, vocab, size=(b, args.prompt), dtype=np.int64)
-               for b in batches}
+    lengths = [int(p) for p in str(args.prompt).split(",")]
+    # each (batch, length)'s prompt is the first rows and tokens of the largest one
+    longest = np.random.default_rng(0).integers(0, vocab, size=(max(batches), max(lengths)), dtype=np.int64)
+    cells = [(b, t) for b in batches for t in lengths]
     # --all-run: routers that run every routed layer (the part:A-B layouts need it); the static graph, which skips
     # the plan's layers, is then not timed
     router_plan = dataclasses.replace(plan, skip=[]) if args.all_run else plan
-    # set on the largest batch's prompt (each smaller prompt is its first rows): set on one sequence, routers can
-    # leave a larger batch's other sequences running the plan's layers (the first run's b8 rows did)
-    routed, chosen = routers_choosing_plan(loaded, router_plan, torch.from_numpy(prompts[max(batches)]).cuda())
-    log = {"export": record, "ort": ort.__version__, "torch": torch.__version__, "prompt": args.prompt,
-           "new_tokens": args.new_tokens, "batches": batches, "torch_routers_skip": chosen, "all_run": args.all_run}
+    # set on the largest prompt (each smaller one is a part of it): set on one sequence, routers can leave a larger
+    # batch's other sequences running the plan's layers (the first run's b8 rows did)
+    routed, chosen = routers_choosing_plan(loaded, router_plan, torch.from_numpy(longest).to(device))
+    log = {"export": record, "ort": ort.__version__, "torch": torch.__version__, "prompts": lengths,
+           "new_tokens": args.new_tokens, "batches": batches, "torch_routers_skip": chosen, "all_run": args.all_run,
+           "prefill_only": args.prefill_only}
     t = time.perf_counter()
     fill_gated(graphs / "gated", loaded, routed)
     routed.unwrap()
@@ -282,47 +298,58 @@ def bench(args) -> None:
         fill(graphs / "static", graph_module_from_info(loaded, graphs / "static", plan=plan))
     log["fill_seconds"] = round(time.perf_counter() - t, 1)
     del loaded, routed
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     paths = write_layouts(graphs / "gated", set(router_plan.skip), args.layouts.split(","))
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     static = None if args.all_run else OrtCausalLM(graphs / "static", providers=providers)
     gated = OrtCausalLM(graphs / "gated", providers=providers, phase_graphs=False)  # model.onnx alone
+    sessions = {} if static is None else {"static": static}
+    sessions["gated"] = gated
+    if args.prefill_phase:  # the export's prefill.onnx, as the runner prefills on CUDA
+        sessions["gated_phases"] = OrtCausalLM(graphs / "gated", providers=providers, phase_graphs=True)
     layouts = {name: OrtCausalLM(path, providers=providers) for name, path in paths.items()}
+    decoding = not args.prefill_only
     results: dict = {}
-    for b in batches:
-        ids = prompts[b]
+    for b, length in cells:
+        ids = longest[:b, :length]
+        cell = f"b{b}" if len(lengths) == 1 else f"b{b}_t{length}"
         decisions = gated.forward(ids, np.ones_like(ids), greedy=True).cache.decisions
-        log[f"ort_gated_skips_b{b}"] = [i for r, i in enumerate(gated.routed_layers) if not decisions[:, r].any()]
-        if log[f"ort_gated_skips_b{b}"] != sorted(router_plan.skip):
-            print(f"b{b}: the routers skip {log[f'ort_gated_skips_b{b}']}, not the plan's {router_plan.skip}: "
+        log[f"ort_gated_skips_{cell}"] = [i for r, i in enumerate(gated.routed_layers) if not decisions[:, r].any()]
+        if log[f"ort_gated_skips_{cell}"] != sorted(router_plan.skip):
+            print(f"{cell}: the routers skip {log[f'ort_gated_skips_{cell}']}, not the plan's {router_plan.skip}: "
                   "the gated rows run other layers than the static graph", flush=True)
-        _, reference = decode_after(gated, gated, ids, 32)
-        log[f"greedy_32_match_gated_b{b}"] = {
-            name: bool((decode_after(gated, lm, ids, 32)[1] == reference).all()) for name, lm in layouts.items()
-            if name not in PREFILL_LAYOUTS}
-        log[f"prefill_matches_gated_b{b}"] = {name: prefill_agrees(gated, lm, ids) for name, lm in layouts.items()
-                                             if name in PREFILL_LAYOUTS}
-        timed = ["gated", *layouts] if static is None else ["static", "gated", *layouts]
+        if decoding:
+            _, reference = decode_after(gated, gated, ids, 32)
+            log[f"greedy_32_match_gated_{cell}"] = {
+                name: bool((decode_after(gated, lm, ids, 32)[1] == reference).all())
+                for name, lm in layouts.items() if name not in PREFILL_LAYOUTS}
+        log[f"prefill_against_gated_{cell}"] = {name: prefill_agrees(gated, lm, ids) for name, lm in layouts.items()
+                                               if name in PREFILL_LAYOUTS}
+        if "gated_phases" in sessions:
+            log[f"prefill_against_gated_{cell}"]["gated_phases"] = prefill_agrees(gated, sessions["gated_phases"], ids)
+        timed = [*sessions, *(k for k in layouts if decoding or k in PREFILL_LAYOUTS)]
         res = {k: {"prefill_samples": [], "decode_samples": []} for k in timed}
-        for lm in [gated] if static is None else [static, gated]:  # warm-up
-            ort_prefill_once(lm, ids)
-            ort_decode_once(lm, ids, args.new_tokens)
-        for name, lm in layouts.items():
-            ort_prefill_once(lm, ids) if name in PREFILL_LAYOUTS else decode_after(gated, lm, ids, args.new_tokens)
-        keys = list(res)
+        for name in timed:  # warm-up
+            lm = sessions.get(name) or layouts[name]
+            if name in sessions or name in PREFILL_LAYOUTS:
+                ort_prefill_once(lm, ids)
+            if name in ("static", "gated") and decoding:
+                ort_decode_once(lm, ids, args.new_tokens)
+            elif name not in sessions and name not in PREFILL_LAYOUTS:
+                decode_after(gated, lm, ids, args.new_tokens)
         for round_ in range(args.rounds):
-            shift = round_ % len(keys)
-            for key in keys[shift:] + keys[:shift]:
-                if key in ("static", "gated"):
-                    lm = static if key == "static" else gated
+            shift = round_ % len(timed)
+            for key in timed[shift:] + timed[:shift]:
+                lm = sessions.get(key) or layouts[key]
+                if key in sessions or key in PREFILL_LAYOUTS:
                     res[key]["prefill_samples"] += [ort_prefill_once(lm, ids) for _ in range(args.reps)]
+                if key in ("static", "gated") and decoding:
                     res[key]["decode_samples"].append(ort_decode_once(lm, ids, args.new_tokens))
-                elif key in PREFILL_LAYOUTS:
-                    res[key]["prefill_samples"] += [ort_prefill_once(layouts[key], ids) for _ in range(args.reps)]
-                else:
-                    res[key]["decode_samples"].append(decode_after(gated, layouts[key], ids, args.new_tokens)[0])
-            print(f"b{b} round {round_}", {k: round((v["decode_samples"] or v["prefill_samples"])[-1], 3)
-                                           for k, v in res.items()}, flush=True)
+                elif key not in sessions and key not in PREFILL_LAYOUTS:
+                    res[key]["decode_samples"].append(decode_after(gated, lm, ids, args.new_tokens)[0])
+            print(f"{cell} round {round_}", {k: round((v["decode_samples"] or v["prefill_samples"])[-1], 3)
+                                             for k, v in res.items()}, flush=True)
         for v in res.values():
             if v["decode_samples"]:
                 v["decode_ms"] = statistics.median(v["decode_samples"])
@@ -332,11 +359,30 @@ def bench(args) -> None:
         ref = "static" if static is not None else "inlined"
         base = res[ref]
         res[f"ratios_to_{ref}"] = {
-            k: {**({"decode": round(res[k]["decode_ms"] / base["decode_ms"], 4)} if "decode_ms" in res[k] else {}),
-                **({"prefill": round(res[k]["prefill_ms"] / base["prefill_ms"], 4)} if "prefill_ms" in res[k] and "prefill_ms" in base else {})}
+            k: {**({"decode": round(res[k]["decode_ms"] / base["decode_ms"], 4)}
+                   if "decode_ms" in res[k] and "decode_ms" in base else {}),
+                **({"prefill": round(res[k]["prefill_ms"] / base["prefill_ms"], 4)}
+                   if "prefill_ms" in res[k] and "prefill_ms" in base else {})}
             for k in timed if k != ref}
-        print(f"b{b}", json.dumps(res[f"ratios_to_{ref}"]), flush=True)
-        results[f"b{b}"] = res
+        # paired: the median over rounds of each prefill's ratio to the reference's samples of the same round
+        if base["prefill_samples"]:
+            n = args.reps
+            res[f"paired_prefill_ratios_to_{ref}"] = {
+                k: round(statistics.median(
+                    statistics.median(res[k]["prefill_samples"][r * n:(r + 1) * n])
+                    / statistics.median(base["prefill_samples"][r * n:(r + 1) * n]) for r in range(args.rounds)), 4)
+                for k in timed if k != ref and res[k]["prefill_samples"]}
+        print(cell, json.dumps(res[f"ratios_to_{ref}"]), json.dumps(res.get(f"paired_prefill_ratios_to_{ref}")),
+              flush=True)
+        if args.timeline:
+            from gpu_timeline import profile_calls
+
+            res["timeline"] = {k: profile_calls(lambda lm=sessions.get(k) or layouts[k]: ort_prefill_once(lm, ids),
+                                                args.reps)
+                               for k in timed if k in sessions or k in PREFILL_LAYOUTS}
+            print(cell, "timeline", json.dumps(res["timeline"]), flush=True)
+        results[cell] = res
+        (out / "ort_gated_layouts.json").write_text(json.dumps({**log, "results": results}, indent=1))
     log["results"] = results
     (out / "ort_gated_layouts.json").write_text(json.dumps(log, indent=1))
 
@@ -348,7 +394,7 @@ def main() -> None:
     be = sub.add_parser("bench", help="time static, gated and the derived layouts on the GPU")
     be.add_argument("--graphs", required=True, help="a folder of `ort_gpu_speed.py export` (static and gated)")
     be.add_argument("--batches", default="1")
-    be.add_argument("--prompt", type=int, default=1024)
+    be.add_argument("--prompt", default="1024", help="prompt length; a comma list times each")
     be.add_argument("--new-tokens", type=int, default=64)
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--rounds", type=int, default=6)
@@ -356,6 +402,12 @@ def main() -> None:
                     help="flat, inlined, flat_max, prefill_inlined and part:A-B (needs --all-run)")
     be.add_argument("--all-run", action="store_true",
                     help="routers that run every routed layer; the static graph is not timed")
+    be.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of the script")
+    be.add_argument("--prefill-only", action="store_true", help="time prefills only (no decode steps)")
+    be.add_argument("--prefill-phase", action="store_true",
+                    help="also time the export's prefill.onnx (the runner's prefill on CUDA) as gated_phases")
+    be.add_argument("--timeline", action="store_true",
+                    help="then profile --reps prefills of each session on the device's timeline (gpu_timeline.py)")
     be.add_argument("--out", default="layouts")
     args = ap.parse_args()
     selfcheck(args) if args.phase == "selfcheck" else bench(args)
