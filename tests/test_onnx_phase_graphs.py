@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -91,6 +93,25 @@ def test_the_runner_uses_them_on_cuda_only_by_default():
     case = exported("llama", "gated")
     assert not OrtCausalLM(case.onnx_dir).phases  # the CPU provider: each session would prepack its own weights
     assert not OrtCausalLM(exported("llama", "static").onnx_dir, phase_graphs=True).phases  # a static export has none
+
+
+def test_another_graph_of_the_folder_runs_itself_not_the_phase_graphs(tmp_path):
+    # a benchmark's derived layout next to model.onnx once ran prefill.onnx / decode.onnx in its place, unnoticed
+    case = exported("llama", "gated")
+    folder = tmp_path / "gated"
+    shutil.copytree(case.onnx_dir, folder)
+    assert json.loads((folder / MANIFEST_NAME).read_text())["source"] == "model.onnx"
+    (folder / "copy.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    other = OrtCausalLM(folder / "copy.onnx", phase_graphs=True)
+    assert not other.phases and other.prefill_session is other.session
+    assert Path(other.session._model_path).name == "copy.onnx"
+    assert OrtCausalLM(folder / "model.onnx", phase_graphs=True).phases
+    # a record written before "source" was kept derives the phase graphs from model.onnx
+    record = json.loads((folder / MANIFEST_NAME).read_text())
+    del record["source"]
+    (folder / MANIFEST_NAME).write_text(json.dumps(record))
+    assert OrtCausalLM(folder, phase_graphs=True).phases
+    assert not OrtCausalLM(folder / "copy.onnx", phase_graphs=True).phases
 
 
 def test_both_sessions_are_given_the_weights_where_the_manifest_locates_them():

@@ -161,6 +161,8 @@ def write_phase_graphs(folder: str | Path, graph_name: str = "model.onnx") -> di
         shared.update({e["name"]: e for e in _shared_entries(lifted)})
         paths[name] = write_bytes_atomic(folder / name, lifted.SerializeToString())
         onnx.checker.check_model(str(paths[name]))  # by path: it finds the weights file next to the graph
-    manifest = {"format": MANIFEST_FORMAT, "graphs": PHASE_GRAPHS, "initializers": list(shared.values())}
+    # "source": the graph these are the phases of; a runner given another graph of the folder runs that graph
+    manifest = {"format": MANIFEST_FORMAT, "source": graph_name, "graphs": PHASE_GRAPHS,
+                "initializers": list(shared.values())}
     paths[MANIFEST_NAME] = write_json_atomic(folder / MANIFEST_NAME, manifest)
     return paths

@@ -138,8 +138,9 @@ class OrtCausalLM:
         """``cuda_graph``: replay decode steps as a CUDA graph (a preallocated-cache graph on
         CUDAExecutionProvider; ignored on the CPU). ``reserve``: slots a preallocated cache holds beyond the prompt
         when the caller gives no ``capacity`` at prefill. ``phase_graphs``: for a gated export that has them
-        (``phase_graphs.json``), run prefills through ``prefill.onnx`` and later steps through ``decode.onnx``, two
-        sessions given the same weight tensors (added to ``session_options``); False: run ``path`` for both; None
+        (``phase_graphs.json``, and ``path`` is the graph they derive from: another graph of the folder always
+        runs alone), run prefills through ``prefill.onnx`` and later steps through ``decode.onnx``, two sessions
+        given the same weight tensors (added to ``session_options``); False: run ``path`` for both; None
         (default): the phase graphs on CUDA, ``path`` on the CPU (there ONNX Runtime prepacks each session's MatMul
         weights, so two sessions hold two copies whatever they are given). ``share_weights=False``: each phase
         session loads the weights itself. ``share_weights_with``: a runner of the same export whose sessions were
@@ -163,7 +164,10 @@ class OrtCausalLM:
         manifest = path.parent / _PHASES_MANIFEST
         cuda = (bool(self.providers) and _provider_name(self.providers[0]) == "CUDAExecutionProvider"
                 and "CUDAExecutionProvider" in ort.get_available_providers())
-        self.phases = manifest.is_file() and (cuda if phase_graphs is None else bool(phase_graphs))
+        # the phase graphs stand in for the graph they were derived from only (older records: model.onnx)
+        phases = _read_phases(manifest) if manifest.is_file() else None
+        derived = phases is not None and phases["source"] == path.name
+        self.phases = derived and (cuda if phase_graphs is None else bool(phase_graphs))
         self._weights = None
         if share_weights_with is not None:
             if share_weights_with._weights is None or share_weights_with.path.parent.resolve() != path.parent.resolve():
@@ -172,7 +176,6 @@ class OrtCausalLM:
             self._weights = share_weights_with._weights
             session_options = self._weights.add_to(session_options or ort.SessionOptions())
         if self.phases:  # a gated export's two phase graphs, given the same weight tensors
-            phases = _read_phases(manifest)
             if share_weights and self._weights is None:
                 self._weights = _SharedWeights(path.parent, phases["initializers"], "cuda" if cuda else "cpu")
                 session_options = self._weights.add_to(session_options or ort.SessionOptions())
@@ -636,7 +639,7 @@ def _read_phases(manifest: Path) -> dict[str, Any]:
     if record.get("format") != "rtexport.phase_graphs/1":
         raise ValueError(f"{manifest}: not an rtexport phase-graphs record")
     return {"graphs": {phase: manifest.parent / name for phase, name in record["graphs"].items()},
-            "initializers": record["initializers"]}
+            "initializers": record["initializers"], "source": record.get("source", "model.onnx")}
 
 
 class _SharedWeights:
