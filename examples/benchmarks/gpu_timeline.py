@@ -4,8 +4,9 @@ ONNX Runtime's too).
 
 For each call: ``span_us`` (first device event's start to the last one's end), ``busy_us`` (the union of the device
 events' intervals), ``idle_us`` (span - busy: the device waits for the host), the kernels and host copies counted,
-and ``after_dtoh_idle_us``: the idle time right after each device→host copy (the device waiting while the host reads
-the copied value and launches what follows), summed. Medians over the calls.
+``after_dtoh_idle_us``: the idle time right after each device→host copy (the device waiting while the host reads
+the copied value and launches what follows), summed; ``lead_us`` and ``tail_us``: the host time of the call before
+its first device event and after its last one. Medians over the calls.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ def _calls(trace: dict, label: str) -> list[tuple[float, float]]:
     return sorted((e["ts"], e["ts"] + e["dur"]) for e in marks)
 
 
-def summarize_call(events: list[dict]) -> dict:
-    """The timeline numbers of one call's device events (sorted by start; times in µs)."""
+def summarize_call(events: list[dict], call: tuple[float, float] | None = None) -> dict:
+    """The timeline numbers of one call's device events (sorted by start; times in µs). With ``call`` (its host
+    start and end), also ``lead_us`` (host start to the first device event) and ``tail_us`` (the last device event's
+    end to the host's end): host time with nothing on the device."""
     if not events:
         return {"kernels": 0, "dtoh_copies": 0, "span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0,
-                "after_dtoh_idle_us": 0.0}
+                "after_dtoh_idle_us": 0.0, "lead_us": 0.0, "tail_us": 0.0}
     busy, end = 0.0, events[0]["ts"]
     after_dtoh, pending_dtoh = 0.0, False
     for e in events:
@@ -50,14 +53,16 @@ def summarize_call(events: list[dict]) -> dict:
     return {"kernels": sum(e["cat"] == "kernel" for e in events),
             "dtoh_copies": sum(e["cat"] == "gpu_memcpy" and "DtoH" in e["name"] for e in events),
             "span_us": round(span, 1), "busy_us": round(busy, 1), "idle_us": round(span - busy, 1),
-            "after_dtoh_idle_us": round(after_dtoh, 1)}
+            "after_dtoh_idle_us": round(after_dtoh, 1),
+            "lead_us": round(events[0]["ts"] - call[0], 1) if call else 0.0,
+            "tail_us": round(call[1] - end, 1) if call else 0.0}
 
 
 def summarize(trace: dict, label: str = "call") -> dict:
     """Median timeline numbers over the calls marked ``label`` in a Chrome trace (``export_chrome_trace``), with
     the kinds of device→host copy seen (pageable or pinned host memory)."""
     events = _device_events(trace)
-    per_call = [summarize_call([e for e in events if a <= e["ts"] < b]) for a, b in _calls(trace, label)]
+    per_call = [summarize_call([e for e in events if a <= e["ts"] < b], (a, b)) for a, b in _calls(trace, label)]
     if not per_call:
         raise ValueError(f"no calls marked {label!r} in the trace")
     medians = {k: statistics.median(c[k] for c in per_call) for k in per_call[0]}

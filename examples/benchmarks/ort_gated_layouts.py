@@ -209,6 +209,45 @@ def prefill_agrees(gated, lm, ids: np.ndarray) -> dict:
     return {"same_token_and_decisions": bool(same), "last_logits_max_abs_diff": float(diff)}
 
 
+class _TimedSession:
+    """A session whose runs (``run_with_iobinding``, ``run``) are timed (the rest passes through): what ONNX Runtime
+    itself takes of a runner's step."""
+
+    def __init__(self, session):
+        self._session, self.seconds = session, []
+
+    def _timed(self, method, *args, **kwargs):
+        start = time.perf_counter()
+        result = method(*args, **kwargs)
+        self.seconds.append(time.perf_counter() - start)
+        return result
+
+    def run_with_iobinding(self, *args, **kwargs):
+        return self._timed(self._session.run_with_iobinding, *args, **kwargs)
+
+    def run(self, *args, **kwargs):  # a runner without IO binding (the CPU's default)
+        return self._timed(self._session.run, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def host_breakdown(lm, ids: np.ndarray, calls: int) -> dict:
+    """Medians over ``calls`` prefills of ``ids`` through ``lm``: the whole ``forward`` and, of it, ONNX Runtime's
+    run (``run_with_iobinding``; the rest is the runner's binding and bookkeeping in Python)."""
+    from rtexport.bench_run import ort_prefill_once
+
+    timed = _TimedSession(lm.prefill_session)
+    lm.prefill_session = timed
+    try:
+        forward = [ort_prefill_once(lm, ids) for _ in range(calls)]
+    finally:
+        lm.prefill_session = timed._session
+    run = [1000 * s for s in timed.seconds]
+    return {"forward_ms": round(statistics.median(forward), 3), "session_run_ms": round(statistics.median(run), 3),
+            "runner_ms": round(statistics.median(f - r for f, r in zip(forward, run)), 3)}
+
+
 def selfcheck(args) -> None:
     """A tiny random Llama with routers that skip some layers: each layout's greedy tokens equal the gated graph's."""
     import tempfile
@@ -381,6 +420,9 @@ def bench(args) -> None:
                                                 args.reps)
                                for k in timed if k in sessions or k in PREFILL_LAYOUTS}
             print(cell, "timeline", json.dumps(res["timeline"]), flush=True)
+            res["host"] = {k: host_breakdown(sessions.get(k) or layouts[k], ids, 4 * args.reps)
+                           for k in timed if k in sessions or k in PREFILL_LAYOUTS}
+            print(cell, "host", json.dumps(res["host"]), flush=True)
         results[cell] = res
         (out / "ort_gated_layouts.json").write_text(json.dumps({**log, "results": results}, indent=1))
     log["results"] = results
