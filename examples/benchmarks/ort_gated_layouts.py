@@ -248,6 +248,24 @@ def host_breakdown(lm, ids: np.ndarray, calls: int) -> dict:
             "runner_ms": round(statistics.median(f - r for f, r in zip(forward, run)), 3)}
 
 
+def host_profile(lm, ids: np.ndarray, calls: int, top: int = 15) -> list[str]:
+    """The runner's functions that take the most host time over ``calls`` prefills (cProfile, by own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from rtexport.bench_run import ort_prefill_once
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        ort_prefill_once(lm, ids)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
+
+
 def selfcheck(args) -> None:
     """A tiny random Llama with routers that skip some layers: each layout's greedy tokens equal the gated graph's."""
     import tempfile
@@ -423,6 +441,10 @@ def bench(args) -> None:
             res["host"] = {k: host_breakdown(sessions.get(k) or layouts[k], ids, 4 * args.reps)
                            for k in timed if k in sessions or k in PREFILL_LAYOUTS}
             print(cell, "host", json.dumps(res["host"]), flush=True)
+            res["host_profile"] = {k: host_profile(sessions.get(k) or layouts[k], ids, 8 * args.reps)
+                                   for k in ("static", "gated_phases") if k in sessions}
+            for k, lines in res["host_profile"].items():
+                print(cell, "host profile", k, *lines, sep="\n", flush=True)
         results[cell] = res
         (out / "ort_gated_layouts.json").write_text(json.dumps({**log, "results": results}, indent=1))
     log["results"] = results
