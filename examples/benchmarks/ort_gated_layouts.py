@@ -357,7 +357,11 @@ def bench(args) -> None:
     del loaded, routed
     if device == "cuda":
         torch.cuda.empty_cache()
-    paths = write_layouts(graphs / "gated", set(router_plan.skip), args.layouts.split(","))
+    paths = write_layouts(graphs / "gated", set(router_plan.skip), [v for v in args.layouts.split(",") if v])
+    # --prefill-graph NAME=FILE: another prefill graph of the gated folder (over its weights file), timed as a layout
+    extra = dict(v.split("=", 1) for v in args.prefill_graph)
+    paths.update({name: graphs / "gated" / file for name, file in extra.items()})
+    prefills = set(PREFILL_LAYOUTS) | set(extra)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
     static = None if args.all_run else OrtCausalLM(graphs / "static", providers=providers)
     gated = OrtCausalLM(graphs / "gated", providers=providers, phase_graphs=False)  # model.onnx alone
@@ -380,30 +384,30 @@ def bench(args) -> None:
             _, reference = decode_after(gated, gated, ids, 32)
             log[f"greedy_32_match_gated_{cell}"] = {
                 name: bool((decode_after(gated, lm, ids, 32)[1] == reference).all())
-                for name, lm in layouts.items() if name not in PREFILL_LAYOUTS}
+                for name, lm in layouts.items() if name not in prefills}
         log[f"prefill_against_gated_{cell}"] = {name: prefill_agrees(gated, lm, ids) for name, lm in layouts.items()
-                                               if name in PREFILL_LAYOUTS}
+                                               if name in prefills}
         if "gated_phases" in sessions:
             log[f"prefill_against_gated_{cell}"]["gated_phases"] = prefill_agrees(gated, sessions["gated_phases"], ids)
-        timed = [*sessions, *(k for k in layouts if decoding or k in PREFILL_LAYOUTS)]
+        timed = [*sessions, *(k for k in layouts if decoding or k in prefills)]
         res = {k: {"prefill_samples": [], "decode_samples": []} for k in timed}
         for name in timed:  # warm-up
             lm = sessions.get(name) or layouts[name]
-            if name in sessions or name in PREFILL_LAYOUTS:
+            if name in sessions or name in prefills:
                 ort_prefill_once(lm, ids)
             if name in ("static", "gated") and decoding:
                 ort_decode_once(lm, ids, args.new_tokens)
-            elif name not in sessions and name not in PREFILL_LAYOUTS:
+            elif name not in sessions and name not in prefills:
                 decode_after(gated, lm, ids, args.new_tokens)
         for round_ in range(args.rounds):
             shift = round_ % len(timed)
             for key in timed[shift:] + timed[:shift]:
                 lm = sessions.get(key) or layouts[key]
-                if key in sessions or key in PREFILL_LAYOUTS:
+                if key in sessions or key in prefills:
                     res[key]["prefill_samples"] += [ort_prefill_once(lm, ids) for _ in range(args.reps)]
                 if key in ("static", "gated") and decoding:
                     res[key]["decode_samples"].append(ort_decode_once(lm, ids, args.new_tokens))
-                elif key not in sessions and key not in PREFILL_LAYOUTS:
+                elif key not in sessions and key not in prefills:
                     res[key]["decode_samples"].append(decode_after(gated, lm, ids, args.new_tokens)[0])
             print(f"{cell} round {round_}", {k: round((v["decode_samples"] or v["prefill_samples"])[-1], 3)
                                              for k, v in res.items()}, flush=True)
@@ -436,10 +440,10 @@ def bench(args) -> None:
 
             res["timeline"] = {k: profile_calls(lambda lm=sessions.get(k) or layouts[k]: ort_prefill_once(lm, ids),
                                                 args.reps)
-                               for k in timed if k in sessions or k in PREFILL_LAYOUTS}
+                               for k in timed if k in sessions or k in prefills}
             print(cell, "timeline", json.dumps(res["timeline"]), flush=True)
             res["host"] = {k: host_breakdown(sessions.get(k) or layouts[k], ids, 4 * args.reps)
-                           for k in timed if k in sessions or k in PREFILL_LAYOUTS}
+                           for k in timed if k in sessions or k in prefills}
             print(cell, "host", json.dumps(res["host"]), flush=True)
             res["host_profile"] = {k: host_profile(sessions.get(k) or layouts[k], ids, 8 * args.reps)
                                    for k in ("static", "gated_phases") if k in sessions}
@@ -466,6 +470,8 @@ def main() -> None:
                     help="flat, inlined, flat_max, prefill_inlined and part:A-B (needs --all-run)")
     be.add_argument("--all-run", action="store_true",
                     help="routers that run every routed layer; the static graph is not timed")
+    be.add_argument("--prefill-graph", action="append", default=[], metavar="NAME=FILE",
+                    help="also time FILE (a prefill graph in the gated folder, over its weights) as layout NAME")
     be.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of the script")
     be.add_argument("--prefill-only", action="store_true", help="time prefills only (no decode steps)")
     be.add_argument("--prefill-phase", action="store_true",

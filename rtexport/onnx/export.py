@@ -21,9 +21,10 @@ import torch
 
 from ..errors import ArtifactMismatch, DataError
 from ..fsutil import atomic_directory, file_sha256, read_artifact, write_json_atomic
-from .phase_graphs import write_phase_graphs
+from .bool_reduce import reduce_bool_any
 from .graph_model import (ATTENTION_KINDS, EXPORT_DOMAIN, KV_CACHES, LOGITS, MODES, PREALLOCATED_OPSET, DecoderGraph,
                           GraphSpec, build_spec)
+from .phase_graphs import write_phase_graphs
 
 GRAPH_NAME = "model.onnx"
 DATA_NAME = "model.onnx.data"
@@ -179,6 +180,7 @@ def _finish_graph(path: Path, graph: DecoderGraph, metadata: dict[str, str]) -> 
     model = onnx.load(str(path), load_external_data=False)
     if graph.writes_at_cache_position:
         _declare_tensor_scatter(model)
+    reduce_bool_any(model)  # a gated prefill's "some sequence runs it": one node per routed layer, not three
     names = _dim_names(graph)
     for value in list(model.graph.input) + list(model.graph.output):
         wanted = names.get(value.name)
