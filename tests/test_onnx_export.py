@@ -246,6 +246,30 @@ def test_gated_prefill_runs_only_the_sub_blocks_some_sequence_needs():
             assert not pattern[r] or np.abs(present).max() > 0
 
 
+def test_run_layer_false_forces_a_routed_layer_off_at_prefill():
+    """README-gated: ``run_layer.{i} = false`` forces layer ``i`` off at prefill, and its decisions column is then
+    false; the other layers' routers decide as before. The prefill graph ands the flags into the layer's ``If``
+    condition and into the decisions output, not into each router's decisions."""
+    case = exported("llama", "gated")
+    first = ROUTED_LAYERS[0]
+    pattern, seqs = next((p, s) for p, s in sorted(branch_inputs(case).items()) if p[0])  # the router runs it
+    batch = left_pad(seqs[:2])
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(batch["attention_mask"]).numpy(),
+             "routing_decisions": np.ones((2, len(ROUTED_LAYERS)), dtype=np.bool_)}
+    for i in range(NUM_LAYERS):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((2, 2, 0, 16), np.float32)
+    feeds.update({f"run_layer.{i}": np.array(i != first) for i in ROUTED_LAYERS})
+    for session in (OrtCausalLM(case.onnx_dir, phase_graphs=False).session,  # model.onnx
+                    OrtCausalLM(case.onnx_dir, phase_graphs=True).prefill_session):  # prefill.onnx
+        logits, decisions, present = session.run(["logits", "decisions", f"present.{first}.key"], feeds)
+        assert decisions.tolist() == [[False, *pattern[1:]]] * 2
+        assert present.shape[2] == 0
+        with torch.no_grad(), case.routed.forced_decisions({first: False}):
+            want = case.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert max_diff_real(logits, want, batch["attention_mask"]) <= ATOL
+
+
 @pytest.mark.parametrize("arch,mode", [("llama", "static"), ("llama", "gated"), ("qwen2", "gated")])
 def test_greedy_decoding_through_kv_cache_matches_torch(arch, mode):
     case = exported(arch, mode)

@@ -3,8 +3,8 @@ records them through ``torch.profiler`` (which records every kernel of the proce
 ONNX Runtime's too).
 
 For each call: ``span_us`` (first device event's start to the last one's end), ``busy_us`` (the union of the device
-events' intervals), ``idle_us`` (span - busy: the device waits for the host), the kernels and host copies counted,
-``after_dtoh_idle_us``: the idle time right after each device→host copy (the device waiting while the host reads
+events' intervals), ``idle_us`` (span - busy: the device waits for the host), the kernels and the copies each
+way counted, ``after_dtoh_idle_us``: the idle time right after each device→host copy (the device waiting while the host reads
 the copied value and launches what follows), summed; ``lead_us`` and ``tail_us``: the host time of the call before
 its first device event and after its last one. Medians over the calls.
 """
@@ -36,7 +36,7 @@ def summarize_call(events: list[dict], call: tuple[float, float] | None = None) 
     start and end), also ``lead_us`` (host start to the first device event) and ``tail_us`` (the last device event's
     end to the host's end): host time with nothing on the device."""
     if not events:
-        return {"kernels": 0, "dtoh_copies": 0, "span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0,
+        return {"kernels": 0, "dtoh_copies": 0, "htod_copies": 0, "span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0,
                 "after_dtoh_idle_us": 0.0, "lead_us": 0.0, "tail_us": 0.0}
     busy, end = 0.0, events[0]["ts"]
     after_dtoh, pending_dtoh = 0.0, False
@@ -52,6 +52,7 @@ def summarize_call(events: list[dict], call: tuple[float, float] | None = None) 
     span = end - events[0]["ts"]
     return {"kernels": sum(e["cat"] == "kernel" for e in events),
             "dtoh_copies": sum(e["cat"] == "gpu_memcpy" and "DtoH" in e["name"] for e in events),
+            "htod_copies": sum(e["cat"] == "gpu_memcpy" and "HtoD" in e["name"] for e in events),
             "span_us": round(span, 1), "busy_us": round(busy, 1), "idle_us": round(span - busy, 1),
             "after_dtoh_idle_us": round(after_dtoh, 1),
             "lead_us": round(events[0]["ts"] - call[0], 1) if call else 0.0,
