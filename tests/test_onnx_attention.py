@@ -152,18 +152,11 @@ def test_no_host_value_feeds_device_arithmetic(arch, mode):
     found = host_to_device_values(model.graph, host_inputs, cpu_outputs=cpu_only_outputs(model))
     if mode == "gated":
         # the one exception, by design: at prefill (inside the prefill If's then-branch, so never at decode) the
-        # decisions output is and-ed with the run_layer flags, stacked: one copy of R bools per prefill. Each
-        # layer's condition ands its flag with the copied decisions' bool ReduceMax on the host.
-        assert [op for _, op in found] == ["And"]
-        branch = next(a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute
-                      if a.name == "then_branch")
-        made = {o: n for n in branch.node for o in n.output}
-        value = found[0][0]
-        while made[value].op_type == "Unsqueeze":
-            value = made[value].input[0]
-        stacked = made[value]
-        assert stacked.op_type == "Concat"
-        assert [made[i].input[0] for i in stacked.input] == [f"run_layer.{i}" for i in ROUTED_LAYERS]
+        # router's decisions are and-ed with run_layer.{i}, a copy of one bool per routed layer. (Anding the flag
+        # into the If's condition instead, on the host after the bool ReduceMax, was measured slower on an H200:
+        # ONNX Runtime ran that And on the device, with one more copy each way per layer. BENCHMARKS.md, session 9.)
+        prefill_only = [(f"run_layer.{i}", "And") for i in ROUTED_LAYERS]
+        assert sorted(found) == sorted(prefill_only)
         for n in model.graph.node:
             if n.op_type == "If":  # at decode, run_layer.{i} is read only as an If condition
                 decode = next(a.g for a in n.attribute if a.name == "else_branch")

@@ -260,8 +260,9 @@ def test_run_layer_false_forces_a_routed_layer_off_at_prefill():
     for i in range(NUM_LAYERS):
         feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((2, 2, 0, 16), np.float32)
     feeds.update({f"run_layer.{i}": np.array(i != first) for i in ROUTED_LAYERS})
-    for session in (OrtCausalLM(case.onnx_dir, phase_graphs=False).session,  # model.onnx
-                    OrtCausalLM(case.onnx_dir, phase_graphs=True).prefill_session):  # prefill.onnx
+    # model.onnx, then prefill.onnx (the runners stay alive: the phase sessions read the runner's shared weights)
+    runners = [OrtCausalLM(case.onnx_dir, phase_graphs=False), OrtCausalLM(case.onnx_dir, phase_graphs=True)]
+    for session in (runners[0].session, runners[1].prefill_session):
         logits, decisions, present = session.run(["logits", "decisions", f"present.{first}.key"], feeds)
         assert decisions.tolist() == [[False, *pattern[1:]]] * 2
         assert present.shape[2] == 0

@@ -114,6 +114,25 @@ def test_another_graph_of_the_folder_runs_itself_not_the_phase_graphs(tmp_path):
     assert not OrtCausalLM(folder / "copy.onnx", phase_graphs=True).phases
 
 
+def test_a_phase_session_kept_without_its_runner_still_holds_the_weights():
+    # ONNX Runtime keeps no reference to initializers given with add_initializer: a session taken from a runner
+    # that is then dropped read freed memory (a segmentation fault) until each session held the weights itself
+    import gc
+
+    case = exported("llama", "gated")
+    ids = np.array([[5, 7, 11, 13]], dtype=np.int64)
+    want = OrtCausalLM(case.onnx_dir, phase_graphs=True).forward(ids, np.ones_like(ids), last_only=True).logits
+    session = OrtCausalLM(case.onnx_dir, phase_graphs=True).prefill_session
+    gc.collect()
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(4)[None],
+             "routing_decisions": np.ones((1, len(ROUTED_LAYERS)), dtype=np.bool_),
+             **{f"run_layer.{i}": np.array(True) for i in ROUTED_LAYERS}}
+    for name in (i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")):
+        feeds[name] = np.zeros((1, 2, 0, 16), np.float32)
+    logits = session.run(["logits"], feeds)[0]
+    assert np.abs(logits[:, -1:] - want).max() <= 1e-5
+
+
 def test_both_sessions_are_given_the_weights_where_the_manifest_locates_them():
     case = exported("llama", "gated")
     lm = OrtCausalLM(case.onnx_dir, phase_graphs=True)

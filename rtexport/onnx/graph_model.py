@@ -710,8 +710,6 @@ class DecoderGraph(nn.Module):
             outputs += list(presents[i])
         if phase == "decode":
             outputs.append(routing_decisions.clone())  # the decisions this step used: the held ones
-        elif phase == "prefill":  # the routers' decisions where run_layer.{i} allows the layer
-            outputs.append(torch.cat(decisions, dim=1)[:, :, 0] & torch.stack(run_layer)[None])
         elif phase != "static":
             outputs.append(torch.cat(decisions, dim=1)[:, :, 0])
         # the last (selected) position's logits, sliced from ``logits``: a generate loop binds only this output and
@@ -761,9 +759,8 @@ class DecoderGraph(nn.Module):
         (None at decode, where the held decisions are the output).
 
         ``phase="prefill"``: the router scores the sequences and the sub-block's ``If`` runs it only when some
-        sequence of the batch needs it and ``run_layer.{i}`` allows it (the decisions are computed on the device:
-        ONNX Runtime copies them to the host once per routed layer, at prefill only, and reduces them there).
-        ``phase="decode"``: the sub-block's ``If`` on the host input
+        sequence of the batch needs it (a condition computed on the device: ONNX Runtime copies one bool to the
+        host, once per routed layer, at prefill only). ``phase="decode"``: the sub-block's ``If`` on the host input
         ``run_layer.{i}`` with the held decision ``given`` (B, 1, 1); no router, no host/device copy.
 
         ``phase="logical"`` (older exporters, which cannot trace the prefill ``If`` around ``If``\ s): the
@@ -786,16 +783,13 @@ class DecoderGraph(nn.Module):
 
         if phase == "decode":
             dec, condition = None, run
-        elif phase == "logical":
-            scored = (self._score(layer, normed, mean_weights, spec.threshold) & run)[:, None, None]
-            # (ONNX Runtime has no bool Where kernel: select with logical ops)
-            dec, condition = (is_prefill & scored) | (~is_prefill & given), run
         else:
-            # the router's own decisions mask the sub-block's output: its If runs only where run_layer.{i} allows,
-            # so they need no "& run" there; run_layer.{i} enters the condition (two host bools: ONNX Runtime
-            # reduces the copied decisions and ands them on the CPU) and the decisions output, once for all layers
-            dec = self._score(layer, normed, mean_weights, spec.threshold)[:, None, None]
-            condition = dec.any() & run
+            scored = (self._score(layer, normed, mean_weights, spec.threshold) & run)[:, None, None]
+            if phase == "logical":
+                # (ONNX Runtime has no bool Where kernel: select with logical ops)
+                dec, condition = (is_prefill & scored) | (~is_prefill & given), run
+            else:
+                dec, condition = scored, scored.any()
         result = _caches_nonempty(torch.cond(condition, taken, skipped, (*operands, given if dec is None else dec)))
         if mlp:
             return result[0], kv, dec

@@ -187,6 +187,11 @@ class OrtCausalLM:
         else:
             self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
             self.prefill_session = self.session
+        if self._weights is not None:
+            # ONNX Runtime reads given initializers in place and keeps no reference to them: each session holds
+            # the weights, so that one kept without its runner never reads freed memory
+            for session in {id(self.session): self.session, id(self.prefill_session): self.prefill_session}.values():
+                session._rtexport_shared_weights = self._weights
         active = self.session.get_providers()
         self.device_type = "cuda" if "CUDAExecutionProvider" in active else "cpu"
         self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
