@@ -18,7 +18,8 @@ def _any_graph(opset: int, source_op: str = "Greater", reused: bool = False) -> 
                 helper.make_node("ReduceMax", [f"{prefix}f"], [f"{prefix}m"], keepdims=0),
                 helper.make_node("Cast", [f"{prefix}m"], [f"{prefix}y"], to=TensorProto.BOOL)]
 
-    branch = helper.make_graph(chain("b_", "gt"), "branch", [], [helper.make_tensor_value_info("b_y", TensorProto.BOOL, [])])
+    branch = helper.make_graph(chain("b_", "gt"), "branch", [],
+                               [helper.make_tensor_value_info("b_y", TensorProto.BOOL, [])])
     other = helper.make_graph([helper.make_node("Identity", ["main_y"], ["o_y"])], "other", [],
                               [helper.make_tensor_value_info("o_y", TensorProto.BOOL, [])])
     nodes = [helper.make_node(source_op, ["x", "zero"] if source_op == "Greater" else ["x"], ["gt"]),

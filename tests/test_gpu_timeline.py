@@ -35,8 +35,8 @@ def test_idle_time_and_the_idle_time_after_host_copies():
     ]
     summary = _module().summarize({"traceEvents": events})
     first = _module().summarize_call([e for e in events[1:6]], (0, 1000))
-    assert first == {"kernels": 3, "dtoh_copies": 1, "htod_copies": 0, "span_us": 295.0, "busy_us": 217.0, "idle_us": 78.0,
-                     "after_dtoh_idle_us": 50.0, "lead_us": 10.0, "tail_us": 695.0}
+    assert first == {"kernels": 3, "dtoh_copies": 1, "htod_copies": 0, "span_us": 295.0, "busy_us": 217.0,
+                     "idle_us": 78.0, "after_dtoh_idle_us": 50.0, "lead_us": 10.0, "tail_us": 695.0}
     assert summary["calls"] == 2
     assert summary["kernels"] == 2  # the median of 3 and 1
     assert summary["dtoh_kinds"] == ["Memcpy DtoH (Device -> Pageable)"]

@@ -4,9 +4,9 @@ ONNX Runtime's too).
 
 For each call: ``span_us`` (first device event's start to the last one's end), ``busy_us`` (the union of the device
 events' intervals), ``idle_us`` (span - busy: the device waits for the host), the kernels and the copies each
-way counted, ``after_dtoh_idle_us``: the idle time right after each device→host copy (the device waiting while the host reads
-the copied value and launches what follows), summed; ``lead_us`` and ``tail_us``: the host time of the call before
-its first device event and after its last one. Medians over the calls.
+way counted, ``after_dtoh_idle_us``: the idle time right after each device→host copy (the device waiting while
+the host reads the copied value and launches what follows), summed; ``lead_us`` and ``tail_us``: the host time of
+the call before its first device event and after its last one. Medians over the calls.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Where a gated graph's decode step loses time against the static graph: the same decode step in other layouts,
-timed side by side on ONNX Runtime with the static graph.
+"""Where a gated graph's decode step and prefill lose time against the static graph: the same step in other
+layouts, timed side by side on ONNX Runtime with the static graph, by prompt length; optionally with each prefill's
+device timeline (``gpu_timeline.py``) and its host time split between ONNX Runtime and the runner's Python.
 
 A gated graph (``export_onnx(mode="gated")``) holds its decoder twice inside one ``If`` on the prefill flag; the
 decode branch runs one ``If`` per routed layer on the host input ``run_layer.{i}``. From that graph this script
@@ -17,7 +18,9 @@ derives, by rewriting the ONNX file (no re-export; the weights file is shared):
   others moved out: which node kinds cost more inside an ``If``.
 * ``prefill_inlined``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by the branch the plan
   takes. Its routers still score every routed layer (the decisions output), but no condition goes to the host: what
-  the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels.
+  the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels. (Derived from an
+  export with the bool ``ReduceMax`` of ``rtexport/onnx/bool_reduce.py``, the unused reduction still runs on the
+  CPU after a copy: that layout is no longer copy-free.)
 * ``prefill_masked``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by its taken branch: every
   routed block runs for the whole batch and each sequence keeps its output only where its router says run (the
   taken branch's ``Where``). No condition goes to the host and nothing depends on knowing the plan: the exact gated
@@ -33,6 +36,10 @@ the gated graph's.
     python examples/benchmarks/ort_gated_layouts.py selfcheck
     # on the GPU machine, on graphs from `ort_gpu_speed.py export --modes static,gated` (weights written there)
     python3 examples/benchmarks/ort_gated_layouts.py bench --graphs graphs-8b --batches 1,8 --out $OUT
+    # prefills only, by prompt length, with the runner's prefill.onnx, another prefill graph of the gated folder,
+    # and each prefill's device timeline and host split
+    python3 examples/benchmarks/ort_gated_layouts.py bench --graphs graphs-8b --prompt 128,1024 --prefill-only \
+        --prefill-phase --layouts prefill_inlined --prefill-graph old=prefill_old.onnx --timeline --out $OUT
 """
 
 from __future__ import annotations

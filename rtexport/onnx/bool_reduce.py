@@ -14,9 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 BOOL_REDUCE_OPSET = 20  # ReduceMax takes bool from opset 20
+_BOOL = 9  # onnx.TensorProto.BOOL
+_GRAPH = 5  # onnx.AttributeProto.GRAPH: an If's branch
 # nodes whose output is bool whatever their inputs, and nodes that only move a tensor's elements (their output is
 # bool when their input is)
-_BOOL_OPS = {"And", "Or", "Xor", "Not", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "IsNaN", "IsInf"}
+_BOOL_OPS = {"And", "Or", "Xor", "Not", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "IsNaN",
+             "IsInf"}
 _LAYOUT_OPS = {"Unsqueeze", "Squeeze", "Reshape", "Identity", "Flatten", "Transpose", "Expand"}
 
 
@@ -38,7 +41,7 @@ def _is_bool(name: str, producers: dict[str, Any], bool_values: set[str]) -> boo
         if node.op_type in _BOOL_OPS:
             return True
         if node.op_type == "Cast":
-            return _attr(node, "to") == 9  # TensorProto.BOOL
+            return _attr(node, "to") == _BOOL
         if node.op_type not in _LAYOUT_OPS:
             return False
         name = node.input[0]
@@ -55,7 +58,7 @@ def _rewrite(graph: Any, outer: dict[str, Any], bool_values: set[str]) -> int:
     graph_outputs = {o.name for o in graph.output}
     count, dropped = 0, set()
     for node in graph.node:
-        if node.op_type != "Cast" or _attr(node, "to") != 9 or id(node) in dropped:
+        if node.op_type != "Cast" or _attr(node, "to") != _BOOL or id(node) in dropped:
             continue
         reduce = producers.get(node.input[0])
         if reduce is None or reduce.op_type != "ReduceMax" or id(reduce) in dropped:
@@ -79,7 +82,7 @@ def _rewrite(graph: Any, outer: dict[str, Any], bool_values: set[str]) -> int:
         graph.node.extend(kept)
     for node in graph.node:
         for a in node.attribute:
-            if a.type == 5:  # AttributeProto.GRAPH: an If's branch
+            if a.type == _GRAPH:
                 count += _rewrite(a.g, producers, bool_values | {i.name for i in a.g.input})
     return count
 
@@ -91,5 +94,5 @@ def reduce_bool_any(model: Any) -> int:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < BOOL_REDUCE_OPSET:
         return 0
-    bool_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == 9}
+    bool_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == _BOOL}
     return _rewrite(model.graph, {}, bool_inputs)
