@@ -329,7 +329,7 @@ def bench(args) -> None:
     import onnxruntime as ort
     import torch
     from graph_weights import fill, fill_gated, graph_module_from_info
-    from ort_gpu_speed import _model_and_plan, routers_choosing_plan
+    from ort_gpu_speed import _model_and_plan, paired_ratio, routers_choosing_plan
 
     from rtexport.bench_run import ort_decode_once, ort_prefill_once
     from rtexport.onnx.runtime import OrtCausalLM
@@ -432,13 +432,11 @@ def bench(args) -> None:
                 **({"prefill": round(res[k]["prefill_ms"] / base["prefill_ms"], 4)}
                    if "prefill_ms" in res[k] and "prefill_ms" in base else {})}
             for k in timed if k != ref}
-        # paired: the median over rounds of each prefill's ratio to the reference's samples of the same round
+        # paired (ort_gpu_speed's): each prefill sample against the reference's sample at the same place in the
+        # same round
         if base["prefill_samples"]:
-            n = args.reps
             res[f"paired_prefill_ratios_to_{ref}"] = {
-                k: round(statistics.median(
-                    statistics.median(res[k]["prefill_samples"][r * n:(r + 1) * n])
-                    / statistics.median(base["prefill_samples"][r * n:(r + 1) * n]) for r in range(args.rounds)), 4)
+                k: round(paired_ratio(res[k]["prefill_samples"], base["prefill_samples"]), 4)
                 for k in timed if k != ref and res[k]["prefill_samples"]}
         print(cell, json.dumps(res[f"ratios_to_{ref}"]), json.dumps(res.get(f"paired_prefill_ratios_to_{ref}")),
               flush=True)

@@ -277,6 +277,12 @@ def agreement(mine, ref, tokens) -> dict:
             "first_differing_step": int(differs[0]) if differs.size else None}
 
 
+def paired_ratio(samples: list[float], reference: list[float]) -> float:
+    """The median of the ratios of the samples taken at the same place in the same round: the machine's load
+    drifts over seconds, and both samples of a pair saw the same drift."""
+    return statistics.median(a / b for a, b in zip(samples, reference))
+
+
 def routers_choosing_plan(loaded, plan: SkipPlan, ids: torch.Tensor) -> tuple[RoutedModel, list[int]]:
     """Routers on ``plan.candidates`` that skip exactly ``plan.skip`` on the prompt ``ids``: a kept layer's router
     has weight 0 (score 0.5: run), a skipped one a weight opposite to the prompt's pooled hidden state. Returns the
@@ -493,9 +499,7 @@ def bench_phase(args) -> None:
                 mine, ref = res[f"ort_{key}"][f"{phase}_samples"], res[f"ort_{static}"][f"{phase}_samples"]
                 ratios[f"{key}_over_{static}_{phase}"] = (res[f"ort_{key}"][f"{phase}_ms"]
                                                          / res[f"ort_{static}"][f"{phase}_ms"])
-                # the median of the ratios of samples taken in the same round (the same place in it): the
-                # machine's load drifts over seconds, and both samples of a pair saw the same drift
-                paired[f"{key}_over_{static}_{phase}"] = statistics.median(a / b for a, b in zip(mine, ref))
+                paired[f"{key}_over_{static}_{phase}"] = paired_ratio(mine, ref)
             elif variant:
                 ratios[f"{key}_over_static_{phase}"] = res[f"ort_{key}"][f"{phase}_ms"] / res["ort_static"][f"{phase}_ms"]
     for key in measured:

@@ -50,7 +50,8 @@ def _is_bool(name: str, producers: dict[str, Any], bool_values: set[str]) -> boo
 
 def _rewrite(graph: Any, outer: dict[str, Any], bool_values: set[str]) -> int:
     """Rewrite ``graph`` and its subgraphs in place; returns how many ``any``\\ s were rewritten."""
-    producers = {**outer, **{o: n for n in graph.node for o in n.output}}
+    local = {o: n for n in graph.node for o in n.output}
+    producers = {**outer, **local}
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         for i in node.input:
@@ -70,7 +71,7 @@ def _rewrite(graph: Any, outer: dict[str, Any], bool_values: set[str]) -> int:
         inner = [reduce.output[0], cast_in.output[0]]
         if any(len(consumers.get(v, [])) != 1 or v in graph_outputs for v in inner):
             continue
-        if reduce not in graph.node or cast_in not in graph.node:  # made in an outer graph: leave it
+        if reduce.output[0] not in local or cast_in.output[0] not in local:  # made in an outer graph: leave it
             continue
         reduce.input[0] = cast_in.input[0]
         reduce.output[0] = node.output[0]

@@ -190,7 +190,7 @@ class OrtCausalLM:
         if self._weights is not None:
             # ONNX Runtime reads given initializers in place and keeps no reference to them: each session holds
             # the weights, so that one kept without its runner never reads freed memory
-            for session in {id(self.session): self.session, id(self.prefill_session): self.prefill_session}.values():
+            for session in (self.session, self.prefill_session):
                 session._rtexport_shared_weights = self._weights
         active = self.session.get_providers()
         self.device_type = "cuda" if "CUDAExecutionProvider" in active else "cpu"
