@@ -61,7 +61,8 @@ import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
 
 LAYOUTS = ("flat", "inlined", "flat_max")  # and "part:A-B" (see derive)
-PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked")
+PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked", "prefill_no_sigmoid", "prefill_lean", "prefill_inlined_lean",
+                   "prefill_kv_early")
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
@@ -140,6 +141,15 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
         return _prefill_inlined(lift_phase(model, "prefill"), skip)
     if layout == "prefill_masked":
         return _prefill_inlined(lift_phase(model, "prefill"), set())
+    if layout == "prefill_no_sigmoid":
+        return _fold_router_sigmoid(lift_phase(model, "prefill"))
+    if layout == "prefill_lean":
+        return _lean_routers(_fold_router_sigmoid(lift_phase(model, "prefill")))
+    if layout == "prefill_inlined_lean":
+        return _without_dead_nodes(_prefill_inlined(_lean_routers(_fold_router_sigmoid(lift_phase(model, "prefill"))),
+                                                    skip))
+    if layout == "prefill_kv_early":
+        return _kv_early(lift_phase(model, "prefill"))
     if layout.startswith("part:"):
         part = tuple(int(v) for v in layout[5:].split("-"))
     elif layout not in LAYOUTS:
@@ -177,6 +187,154 @@ def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int]) -> onnx.ModelProt
             nodes.append(node)
     del prefill.graph.node[:]
     prefill.graph.node.extend(nodes)
+    return prefill
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of ``old`` in ``graph`` and its branches reads ``new``."""
+    for node in graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _rename_input(a.g, old, new)
+
+
+def _fold_router_sigmoid(prefill: onnx.ModelProto) -> onnx.ModelProto:
+    """Each router's ``Sigmoid`` → ``GreaterOrEqual(score, threshold)`` as one comparison of the router's logit
+    with logit(threshold) (the same decision: the sigmoid is increasing). One kernel less per routed layer."""
+    from onnx import numpy_helper
+
+    graph = prefill.graph
+    users = _consumers(graph)
+    consts = {t.name: t for t in graph.initializer}
+    dropped, added = set(), {}
+    for node in graph.node:
+        if node.op_type != "Sigmoid" or len(users.get(node.output[0], [])) != 1:
+            continue
+        ge = users[node.output[0]][0]
+        if ge.op_type != "GreaterOrEqual" or ge.input[1] not in consts:
+            continue
+        tau = float(numpy_helper.to_array(consts[ge.input[1]]))
+        name = f"{ge.input[1]}_logit"
+        if name not in added:
+            added[name] = numpy_helper.from_array(np.array(np.log(tau / (1.0 - tau)), dtype=np.float32), name)
+        ge.input[:] = [node.input[0], name]
+        dropped.add(id(node))
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(added.values())
+    if not dropped:
+        raise SystemExit("no router Sigmoid found to fold")
+    return prefill
+
+
+def _lean_routers(prefill: onnx.ModelProto) -> onnx.ModelProto:
+    """An upper bound for trimming the routers further (not exact in general): the ``And`` with ``run_layer.{i}``
+    dropped (the benchmark runs every flag true) and the router scored in float16 (its pooled input not cast to
+    float32; the weight cast once, a constant ONNX Runtime folds). Three kernels per routed layer instead of five."""
+    graph = prefill.graph
+    users = _consumers(graph)
+    dropped = set()
+    for node in list(graph.node):
+        if node.op_type == "And" and node.input[1].startswith("run_layer."):
+            _rename_input(graph, node.output[0], node.input[0])
+            dropped.add(id(node))
+    cast_nodes = []
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1].endswith(".router.weight.T"):
+            cast = next((n for n in graph.node if node.input[0] in n.output), None)
+            if cast is None or cast.op_type != "Cast" or len(users.get(cast.output[0], [])) != 1:
+                continue
+            half = f"{node.input[1]}_fp16"
+            cast_nodes.append(helper.make_node("Cast", [node.input[1]], [half], to=onnx.TensorProto.FLOAT16,
+                                               name=f"{half}_cast"))
+            node.input[:] = [cast.input[0], half]
+            dropped.add(id(cast))
+            # the logit is float16 now: so is the threshold it is compared with
+            for ge in graph.node:
+                if ge.op_type == "GreaterOrEqual" and ge.input[0] in _downstream(graph, node.output[0]):
+                    thr = f"{ge.input[1]}_fp16"
+                    if not any(n.output[0] == thr for n in cast_nodes):
+                        cast_nodes.append(helper.make_node("Cast", [ge.input[1]], [thr],
+                                                           to=onnx.TensorProto.FLOAT16, name=f"{thr}_cast"))
+                    ge.input[1] = thr
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(cast_nodes + kept)
+    return prefill
+
+
+def _downstream(graph: onnx.GraphProto, name: str, hops: int = 3) -> set[str]:
+    """``name`` and the values made from it through at most ``hops`` single-input layout nodes (Reshape, ...)."""
+    found = {name}
+    for _ in range(hops):
+        for node in graph.node:
+            if node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Identity") and node.input[0] in found:
+                found.update(node.output)
+    return found
+
+
+def _without_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` without the main-graph nodes no output depends on (the inlined layouts' unused conditions)."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(_outer_reads(a.g))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    return model
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    made = {o for n in graph.node for o in n.output}
+    reads = set()
+    for node in graph.node:
+        reads.update(i for i in node.input if i not in made)
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                reads.update(i for i in _outer_reads(a.g) if i not in made)
+    return reads
+
+
+def _kv_early(prefill: onnx.ModelProto) -> onnx.ModelProto:
+    """Each per-layer ``If``'s K and V projections moved out of its taken branch, to just before the condition's
+    reduction (after the host copy is queued, before the host waits for it): the device computes them while the
+    host wakes and enters the ``If``. Skipped layers compute them for nothing."""
+    graph = prefill.graph
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type != "If":
+            nodes.append(node)
+            continue
+        taken = _branch(node, "then_branch")
+        early = [n for n in taken.node if n.op_type == "MatMul"
+                 and n.input[1].endswith((".k_proj.weight.T", ".v_proj.weight.T"))]
+        if len(early) != 2:
+            raise SystemExit(f"{node.name}: no K and V projections in its taken branch")
+        rest = [n for n in taken.node if all(n is not e for e in early)]
+        del taken.node[:]
+        taken.node.extend(rest)
+        # before the reduction that reads the copied condition (the last node before this If)
+        reduce_at = max(i for i, n in enumerate(nodes) if node.input[0] in n.output)
+        nodes[reduce_at:reduce_at] = early
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
     return prefill
 
 
@@ -376,7 +534,12 @@ def bench(args) -> None:
     sessions["gated"] = gated
     if args.prefill_phase:  # the export's prefill.onnx, as the runner prefills on CUDA
         sessions["gated_phases"] = OrtCausalLM(graphs / "gated", providers=providers, phase_graphs=True)
-    layouts = {name: OrtCausalLM(path, providers=providers) for name, path in paths.items()}
+    # the prefill layouts read the phase runner's weight tensors (one copy on the device for all of them)
+    phase_lm = sessions.get("gated_phases")
+    layouts = {name: OrtCausalLM(path, providers=providers,
+                                 share_weights_with=phase_lm if name in prefills and phase_lm is not None
+                                 and phase_lm._weights is not None else None)
+               for name, path in paths.items()}
     decoding = not args.prefill_only
     results: dict = {}
     for b, length in cells:
