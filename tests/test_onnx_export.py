@@ -246,29 +246,46 @@ def test_gated_prefill_runs_only_the_sub_blocks_some_sequence_needs():
             assert not pattern[r] or np.abs(present).max() > 0
 
 
-def test_run_layer_false_forces_a_routed_layer_off_at_prefill():
-    """README-gated: ``run_layer.{i} = false`` forces layer ``i`` off at prefill, and its decisions column is then
-    false; the other layers' routers decide as before. The prefill graph ands the flags into the layer's ``If``
-    condition and into the decisions output, not into each router's decisions."""
+def test_routing_decisions_force_a_routed_layer_off_at_prefill_per_sequence():
+    """README-gated: at prefill, ``routing_decisions[b, r] = false`` forces routed layer ``r`` off for sequence
+    ``b``: its decisions entry is false and its logits are PyTorch's with that layer off for it, while the other
+    sequence's router decides as before. Forced off for the whole batch, the layer does not run at all (empty
+    present). ``run_layer.{i}`` is not read at prefill (false here, and no effect). Both for ``model.onnx`` and
+    ``prefill.onnx``."""
     case = exported("llama", "gated")
     first = ROUTED_LAYERS[0]
     pattern, seqs = next((p, s) for p, s in sorted(branch_inputs(case).items()) if p[0])  # the router runs it
     batch = left_pad(seqs[:2])
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
-    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(batch["attention_mask"]).numpy(),
-             "routing_decisions": np.ones((2, len(ROUTED_LAYERS)), dtype=np.bool_)}
-    for i in range(NUM_LAYERS):
-        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((2, 2, 0, 16), np.float32)
-    feeds.update({f"run_layer.{i}": np.array(i != first) for i in ROUTED_LAYERS})
+    with torch.no_grad():
+        references = {}
+        for forced in (False, True):
+            with contextlib.ExitStack() as stack:
+                if forced:
+                    stack.enter_context(case.routed.forced_decisions({first: False}))
+                logits = case.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                held = case.routed.decisions()  # a forced layer's entry is not recorded: it is off
+                references[forced] = (logits, [[not (forced and i == first) and bool(held[i][b])
+                                                for i in ROUTED_LAYERS] for b in range(2)])
+    assert references[False][1] == [list(pattern)] * 2
     # model.onnx, then prefill.onnx (the runners stay alive: the phase sessions read the runner's shared weights)
     runners = [OrtCausalLM(case.onnx_dir, phase_graphs=False), OrtCausalLM(case.onnx_dir, phase_graphs=True)]
-    for session in (runners[0].session, runners[1].prefill_session):
-        logits, decisions, present = session.run(["logits", "decisions", f"present.{first}.key"], feeds)
-        assert decisions.tolist() == [[False, *pattern[1:]]] * 2
-        assert present.shape[2] == 0
-        with torch.no_grad(), case.routed.forced_decisions({first: False}):
-            want = case.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        assert max_diff_real(logits, want, batch["attention_mask"]) <= ATOL
+    for forced_rows in ([0, 1], [0]):
+        allowed = np.ones((2, len(ROUTED_LAYERS)), dtype=np.bool_)
+        allowed[forced_rows, 0] = False
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(batch["attention_mask"]).numpy(),
+                 "routing_decisions": allowed, **{f"run_layer.{i}": np.array(False) for i in ROUTED_LAYERS}}
+        for i in range(NUM_LAYERS):
+            feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((2, 2, 0, 16),
+                                                                                               np.float32)
+        for session in (runners[0].session, runners[1].prefill_session):
+            logits, decisions, present = session.run(["logits", "decisions", f"present.{first}.key"], feeds)
+            for b in range(2):
+                want_logits, want_decisions = references[b in forced_rows]
+                assert decisions[b].tolist() == want_decisions[b], (forced_rows, b)
+                assert decisions[b, 0] == (b not in forced_rows)
+                assert max_diff_real(logits[b:b + 1], want_logits[b:b + 1], batch["attention_mask"][b:b + 1]) <= ATOL
+            assert present.shape[2] == (0 if forced_rows == [0, 1] else ids.shape[1])
 
 
 @pytest.mark.parametrize("arch,mode", [("llama", "static"), ("llama", "gated"), ("qwen2", "gated")])

@@ -9,8 +9,9 @@ Two layouts (``GraphSpec``):
 
 * static: only the sub-blocks a ``SkipPlan`` keeps exist; a layer without attention has no KV input or output.
 * gated: the decoder sits in a ``torch.cond`` (an ONNX ``If``) on a prefill flag computed from input shapes, and
-  each routed sub-block in its own ``If`` inside either branch. Prefill branch: the router decides per sequence and
-  the sub-block's ``If`` runs it only when some sequence needs it, masking its output per sequence. Decode branch:
+  each routed sub-block in its own ``If`` inside either branch. Prefill branch: the router decides per sequence
+  (where ``routing_decisions`` allows the layer) and the sub-block's ``If`` runs it only when some sequence needs
+  it, masking its output per sequence. Decode branch:
   the sub-block's ``If`` on the host input ``run_layer.{i}`` with the held decisions (``routing_decisions``). See
   ``README-gated.md``.
 
@@ -40,6 +41,7 @@ element-wise arithmetic on device tensors (each such use is a host-to-device Mem
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -275,6 +277,16 @@ def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pas
     return out.transpose(1, 2).reshape(b, s, num_heads * d).to(q.dtype), keys, values
 
 
+def router_logit_limit(threshold: float) -> float:
+    """The router logit at which ``sigmoid(logit) >= threshold`` starts to hold: logit(threshold); -inf for a
+    threshold at or below 0 (every sequence runs), +inf at or above 1 (none does)."""
+    if threshold <= 0.0:
+        return float("-inf")
+    if threshold >= 1.0:
+        return float("inf")
+    return math.log(threshold / (1.0 - threshold))
+
+
 def _mean_weights(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, T) in ``dtype``: each of this step's ``seq_len`` positions' weight in its sequence's mean over its real
     tokens (1/count on real tokens, 0 on padding). Computed once per step for every router: a router's masked mean
@@ -290,7 +302,8 @@ class DecoderGraph(nn.Module):
 
     ``input_ids`` (B,T) int64, ``attention_mask`` (B,P+T) int64, ``position_ids`` (B,T) int64,
     ``past_key_values.{i}.key|value`` (B,kv,P_i,d) for each layer ``i`` with attention,
-    gated only: ``routing_decisions`` (B,R) bool and ``run_layer.{i}`` () bool for each routed layer ``i``,
+    gated only: ``routing_decisions`` (B,R) bool (at prefill: which sequences may run each routed layer; after:
+    the held decisions) and ``run_layer.{i}`` () bool for each routed layer ``i`` (read after prefill only),
     preallocated cache only: ``cache_position`` (T,) int64, the buffer slots this step writes,
     selected logits only: ``logits_positions`` (B,K) int64, the positions (0..T-1) of this step's tokens to score
     → ``logits`` (B,T,V) (selected logits: (B,K,V)), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, ``last_logits``
@@ -596,11 +609,27 @@ class DecoderGraph(nn.Module):
                                                   kv_num_heads=self.num_kv_heads, scale=scaling)
         return layer.o_proj(out), keys, values
 
-    def _score(self, layer: _Layer, normed: torch.Tensor, weights: torch.Tensor, threshold: float) -> torch.Tensor:
-        """(B,) bool: the router's decision for this step's tokens: its score of their mean over the real ones
-        (``weights``: ``_mean_weights``), scored in float32."""
+    def _score(self, layer: _Layer, normed: torch.Tensor, weights: torch.Tensor,
+               limit: torch.Tensor | float) -> torch.Tensor:
+        """(B, 1, 1) bool: the router's decision for this step's tokens: its logit for their mean over the real ones
+        (``weights``: ``_mean_weights``), scored in float32, against ``limit``: ``router_logit_limit`` of the
+        threshold, or (B, 1, 1) limits per sequence (``_prefill_limits``). ``sigmoid(logit) >= threshold`` as the
+        logit against the threshold's logit: the same decision (the sigmoid is increasing) with no ``Sigmoid``
+        kernel; the two differ only where float32 rounds the sigmoid onto the threshold (within 1e-7 of it)."""
         pooled = (weights @ normed).to(torch.float32)  # (B, 1, hidden)
-        return torch.sigmoid((pooled @ layer.router.weight.t()).reshape(-1)) >= threshold
+        return (pooled @ layer.router.weight.t()) >= limit
+
+    def _prefill_limits(self, routing_decisions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per routed layer, (B, 1, 1) float32: the logit each sequence's router must reach to run the layer at
+        prefill: the threshold's logit where ``routing_decisions`` allows the layer, +inf where it forces it off.
+        One ``Where`` and one ``Split`` for all routed layers, on one (B, R) input copied to the device once (a
+        flag per layer and'ed with each router's decision was one more kernel and one host-to-device copy per routed
+        layer)."""
+        limit = router_logit_limit(self.spec.threshold)
+        limits = torch.where(routing_decisions[:, :, None],
+                             torch.full((), limit, dtype=torch.float32, device=routing_decisions.device),
+                             torch.full((), float("inf"), dtype=torch.float32, device=routing_decisions.device))
+        return torch.split(limits, 1, dim=1)
 
     # ---- forward -----------------------------------------------------------------------------------------------
     def forward(
@@ -683,13 +712,16 @@ class DecoderGraph(nn.Module):
             is_prefill = _is_prefill(input_ids, attention_mask)
         # the routers' mean weights, once for every routed layer (the decode phase runs no router)
         mean_weights = _mean_weights(attention_mask, t, x.dtype) if phase in ("prefill", "logical") else None
+        # at prefill, routing_decisions says which sequences may run each routed layer (all true: the routers decide)
+        limits = self._prefill_limits(routing_decisions) if phase == "prefill" else None
 
         for i, layer in enumerate(self.layers):
             mask = masks[spec.sliding_windows.get(i)]
             if phase != "static" and i in spec.routed_layers:
                 r = spec.routed_layers.index(i)
                 x, kv, dec = self._routed_layer(layer, x, past.get(i), cos, sin, mask, mean_weights,
-                                                held[r] if held else None, run_layer[r], phase, is_prefill)
+                                                held[r] if held else None, run_layer[r], phase, is_prefill,
+                                                limits[r] if limits else None)
                 decisions.append(dec)
                 if kv is not None:
                     presents[i] = kv
@@ -754,14 +786,16 @@ class DecoderGraph(nn.Module):
 
         return taken, skipped
 
-    def _routed_layer(self, layer, x, kv, cos, sin, mask, mean_weights, given, run, phase, is_prefill):
+    def _routed_layer(self, layer, x, kv, cos, sin, mask, mean_weights, given, run, phase, is_prefill, limit):
         r"""One routed sub-block; returns ``(x, (present_k, present_v) or None, decision)``, the decision (B, 1, 1)
         (None at decode, where the held decisions are the output).
 
-        ``phase="prefill"``: the router scores the sequences and the sub-block's ``If`` runs it only when some
+        ``phase="prefill"``: the router scores the sequences against ``limit`` (``_prefill_limits``: the sequences
+        that ``routing_decisions`` forces off never reach it) and the sub-block's ``If`` runs it only when some
         sequence of the batch needs it (a condition computed on the device: ONNX Runtime copies one bool to the
-        host, once per routed layer, at prefill only). ``phase="decode"``: the sub-block's ``If`` on the host input
-        ``run_layer.{i}`` with the held decision ``given`` (B, 1, 1); no router, no host/device copy.
+        host, once per routed layer, at prefill only). ``run_layer.{i}`` is not read at prefill.
+        ``phase="decode"``: the sub-block's ``If`` on the host input ``run_layer.{i}`` with the held decision
+        ``given`` (B, 1, 1); no router, no host/device copy.
 
         ``phase="logical"`` (older exporters, which cannot trace the prefill ``If`` around ``If``\ s): the
         router's and the held decisions are selected with logical ops and the sub-block's ``If`` is on
@@ -784,12 +818,14 @@ class DecoderGraph(nn.Module):
         if phase == "decode":
             dec, condition = None, run
         else:
-            scored = (self._score(layer, normed, mean_weights, spec.threshold) & run)[:, None, None]
             if phase == "logical":
-                # (ONNX Runtime has no bool Where kernel: select with logical ops)
-                dec, condition = (is_prefill & scored) | (~is_prefill & given), run
+                scored = self._score(layer, normed, mean_weights, router_logit_limit(spec.threshold)) & run
+                # the router's decision at prefill (where routing_decisions allows it), the held one after; with
+                # logical ops (ONNX Runtime has no bool Where kernel)
+                dec, condition = given & (scored | ~is_prefill), run
             else:
-                dec, condition = scored, scored.any()
+                dec = self._score(layer, normed, mean_weights, limit)
+                condition = dec.any()
         result = _caches_nonempty(torch.cond(condition, taken, skipped, (*operands, given if dec is None else dec)))
         if mlp:
             return result[0], kv, dec

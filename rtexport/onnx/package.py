@@ -150,8 +150,8 @@ Inputs beyond the usual `input_ids`, `attention_mask`, `position_ids`, `past_key
 `routing_decisions` (batch, {{ routed|length }}) bool and one `run_layer.{i}` () bool per routed layer; outputs beyond
 `logits` and `present.{i}.key|value`: `decisions` (batch, {{ routed|length }}) bool.
 
-1. Prefill: empty caches, every `run_layer.{i}` true, `routing_decisions` all true (not read at prefill). The graph's
-   routers decide per sequence and return `decisions`.
+1. Prefill: empty caches, `routing_decisions` all true (a false entry forces that sequence's layer off), every
+   `run_layer.{i}` true (not read at prefill). The graph's routers decide per sequence and return `decisions`.
 2. Decode steps: feed `decisions` back as `routing_decisions`; set `run_layer.{i}` = any sequence runs layer `i`,
    bound as a CPU tensor (ONNX Runtime's CUDA `If` reads its condition on the host: no device-to-host copy is needed);
    {% if target != "mlp" %}give layers that no sequence runs an empty cache (batch, kv_heads, 0, head_dim) and drop their

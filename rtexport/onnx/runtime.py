@@ -7,7 +7,8 @@ and output names:
 * ``past_key_values.{i}.key|value`` / ``present.{i}.key|value``: the layers ``i`` that keep a KV cache (a static
   graph has them only for the attention layers its plan kept);
 * ``routing_decisions`` + ``run_layer.{i}`` / ``decisions``: a gated graph. The router decides per sequence at
-  prefill (the graph computes the decisions; every ``run_layer.{i}`` is true then), the caller keeps the returned
+  prefill (the graph computes the decisions, for the sequences ``routing_decisions`` lets run each layer: all
+  of them here; ``run_layer.{i}`` is not read then), the caller keeps the returned
   ``decisions`` and feeds them back at every later step, with ``run_layer.{i}`` = any sequence of the batch runs
   layer ``i`` (a host-side bool: ORT's ``If`` reads its condition on the host, so no device-to-host copy is needed).
   A layer that no sequence runs gets an empty past and its present is dropped. Those inputs do not change after
@@ -353,7 +354,7 @@ class OrtCausalLM:
             feeds["logits_positions"] = _logits_positions(b, t, last_only or greedy)
         host: dict[str, np.ndarray] = {}
         routing = cache.routing if self.gated else None  # None at prefill: the graph decides
-        if self.gated and routing is None:  # every layer may run; this input is not read
+        if self.gated and routing is None:  # every sequence may run every layer; run_layer is not read
             feeds["routing_decisions"] = np.ones((b, len(self.routed_layers)), dtype=np.bool_)
             host = {f"run_layer.{i}": np.array(True) for i in self.routed_layers}
         for i in self.kv_layers:
