@@ -18,14 +18,24 @@ derives, by rewriting the ONNX file (no re-export; the weights file is shared):
   others moved out: which node kinds cost more inside an ``If``.
 * ``prefill_inlined``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by the branch the plan
   takes. Its routers still score every routed layer (the decisions output), but no condition goes to the host: what
-  the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels. (Derived from an
-  export with the bool ``ReduceMax`` of ``rtexport/onnx/bool_reduce.py``, the unused reduction still runs on the
-  CPU after a copy: that layout is no longer copy-free.)
+  the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels. (The unused
+  conditions are dropped since session 10: derived from an export with the bool ``ReduceMax`` of
+  ``rtexport/onnx/bool_reduce.py``, the reduction ran on the CPU after a copy, and the layout was not copy-free.)
 * ``prefill_masked``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by its taken branch: every
   routed block runs for the whole batch and each sequence keeps its output only where its router says run (the
   taken branch's ``Where``). No condition goes to the host and nothing depends on knowing the plan: the exact gated
   prefill (same logits, same decisions; a layer no sequence runs returns a cache that the runner drops), paying the
   skipped blocks' compute instead of the host copies.
+* ``prefill_no_sigmoid``: the export's ``prefill.onnx`` with each router's ``Sigmoid`` and threshold folded into one
+  comparison of its logit with the threshold's logit (what exports do since session 10; unchanged for them).
+* ``prefill_lean``: ``prefill_no_sigmoid`` with the ``And`` of each router's decisions with ``run_layer.{i}`` dropped
+  and the router scored in float16 (no cast of its pooled input): an upper bound for trimming the routers, exact
+  here because the benchmark runs every flag true and its routers decide far from the threshold.
+* ``prefill_inlined_lean``: ``prefill_lean`` without any ``If`` (as ``prefill_inlined``): the floor of the routers'
+  own kernels with no host copy.
+* ``prefill_kv_early``: the export's ``prefill.onnx`` with each routed layer's K and V projections moved before the
+  wait for its condition, so the device computes them while the host enters the ``If``; a skipped layer computes
+  them for nothing.
 
 The decode layouts compute the decode step only (a prefill through them would use the held decisions); the
 benchmark prefills with the gated graph and continues with each layout on that cache. Their greedy tokens must equal
@@ -138,7 +148,7 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
 
     part = None
     if layout == "prefill_inlined":
-        return _prefill_inlined(lift_phase(model, "prefill"), skip)
+        return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), skip))
     if layout == "prefill_masked":
         return _prefill_inlined(lift_phase(model, "prefill"), set())
     if layout == "prefill_no_sigmoid":
@@ -237,37 +247,42 @@ def _fold_router_sigmoid(prefill: onnx.ModelProto) -> onnx.ModelProto:
 
 def _lean_routers(prefill: onnx.ModelProto) -> onnx.ModelProto:
     """An upper bound for trimming the routers further (not exact in general): the ``And`` with ``run_layer.{i}``
-    dropped (the benchmark runs every flag true) and the router scored in float16 (its pooled input not cast to
-    float32; the weight cast once, a constant ONNX Runtime folds). Three kernels per routed layer instead of five."""
+    dropped where there is one (the benchmark runs every flag true) and the router scored in float16 (its pooled
+    input not cast to float32; the weight cast once, a constant ONNX Runtime folds; the threshold or limit it is
+    compared with cast to float16 just before the comparison)."""
     graph = prefill.graph
     users = _consumers(graph)
-    dropped = set()
+    producer = {o: n for n in graph.node for o in n.output}
+    dropped, before = set(), {}  # before: id(node) -> nodes to insert just before it
     for node in list(graph.node):
         if node.op_type == "And" and node.input[1].startswith("run_layer."):
             _rename_input(graph, node.output[0], node.input[0])
             dropped.add(id(node))
-    cast_nodes = []
     for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1].endswith(".router.weight.T"):
-            cast = next((n for n in graph.node if node.input[0] in n.output), None)
-            if cast is None or cast.op_type != "Cast" or len(users.get(cast.output[0], [])) != 1:
-                continue
-            half = f"{node.input[1]}_fp16"
-            cast_nodes.append(helper.make_node("Cast", [node.input[1]], [half], to=onnx.TensorProto.FLOAT16,
-                                               name=f"{half}_cast"))
-            node.input[:] = [cast.input[0], half]
-            dropped.add(id(cast))
-            # the logit is float16 now: so is the threshold it is compared with
-            for ge in graph.node:
-                if ge.op_type == "GreaterOrEqual" and ge.input[0] in _downstream(graph, node.output[0]):
-                    thr = f"{ge.input[1]}_fp16"
-                    if not any(n.output[0] == thr for n in cast_nodes):
-                        cast_nodes.append(helper.make_node("Cast", [ge.input[1]], [thr],
-                                                           to=onnx.TensorProto.FLOAT16, name=f"{thr}_cast"))
-                    ge.input[1] = thr
-    kept = [n for n in graph.node if id(n) not in dropped]
+        if node.op_type != "MatMul" or not node.input[1].endswith(".router.weight.T"):
+            continue
+        cast = producer.get(node.input[0])
+        if cast is None or cast.op_type != "Cast" or len(users.get(cast.output[0], [])) != 1:
+            continue
+        half = f"{node.input[1]}_fp16"
+        before.setdefault(id(node), []).append(
+            helper.make_node("Cast", [node.input[1]], [half], to=onnx.TensorProto.FLOAT16, name=f"{half}_cast"))
+        node.input[:] = [cast.input[0], half]
+        dropped.add(id(cast))
+        # the logit is float16 now: so is what it is compared with
+        for ge in graph.node:
+            if ge.op_type == "GreaterOrEqual" and ge.input[0] in _downstream(graph, node.output[0]):
+                thr = f"{ge.input[1]}_fp16_{ge.name}"
+                before.setdefault(id(ge), []).append(
+                    helper.make_node("Cast", [ge.input[1]], [thr], to=onnx.TensorProto.FLOAT16, name=f"{thr}_cast"))
+                ge.input[1] = thr
+    nodes = []
+    for node in graph.node:
+        nodes += before.get(id(node), [])
+        if id(node) not in dropped:
+            nodes.append(node)
     del graph.node[:]
-    graph.node.extend(cast_nodes + kept)
+    graph.node.extend(nodes)
     return prefill
 
 
