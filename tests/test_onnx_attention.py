@@ -157,7 +157,8 @@ def test_no_host_value_feeds_device_arithmetic(arch, mode):
         # and'ed with each router's decisions was one host-to-device copy and one kernel per routed layer)
         for n in model.graph.node:
             if n.op_type == "If":
-                prefill, decode = (next(a.g for a in n.attribute if a.name == b) for b in ("then_branch", "else_branch"))
+                branches = {a.name: a.g for a in n.attribute}
+                prefill, decode = branches["then_branch"], branches["else_branch"]
                 readers = [(m.op_type, j) for m in all_nodes(decode) for j, i in enumerate(m.input)
                            if i.startswith("run_layer.")]
                 assert readers == [("If", 0)] * len(ROUTED_LAYERS)
