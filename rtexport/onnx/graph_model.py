@@ -303,7 +303,8 @@ class DecoderGraph(nn.Module):
     ``input_ids`` (B,T) int64, ``attention_mask`` (B,P+T) int64, ``position_ids`` (B,T) int64,
     ``past_key_values.{i}.key|value`` (B,kv,P_i,d) for each layer ``i`` with attention,
     gated only: ``routing_decisions`` (B,R) bool (at prefill: which sequences may run each routed layer; after:
-    the held decisions) and ``run_layer.{i}`` () bool for each routed layer ``i`` (read after prefill only),
+    the held decisions) and ``run_layer.{i}`` () bool for each routed layer ``i`` (read after prefill only; the
+    ``logical`` layout reads it at every step),
     preallocated cache only: ``cache_position`` (T,) int64, the buffer slots this step writes,
     selected logits only: ``logits_positions`` (B,K) int64, the positions (0..T-1) of this step's tokens to score
     → ``logits`` (B,T,V) (selected logits: (B,K,V)), ``present.{i}.key|value``, gated only: ``decisions`` (B,R) bool, ``last_logits``
