@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,21 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 TINY = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
+
+
+def benchmark_script(name: str):
+    """``examples/benchmarks/{name}.py`` loaded as a module (the scripts are not a package), with their folder on
+    ``sys.path`` while it loads, for the siblings a script imports at the top."""
+    path = BENCHMARKS / f"{name}.py"
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def build_tokenizer():

@@ -2,33 +2,23 @@
 its ONNX file: BENCHMARKS.md's breakdown of the gated prefill's cost (sessions 9 and 10) compares them with the
 export's own ``prefill.onnx``, so each must compute exactly what the gated graph computes."""
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import benchmark_script
 from onnx_cases import exported, random_sequences, right_pad
 
 from rtexport.onnx.runtime import OrtCausalLM
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "ort_gated_layouts.py"
 PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked", "prefill_no_sigmoid", "prefill_lean", "prefill_inlined_lean",
                    "prefill_kv_early")
 
 
 @pytest.fixture(scope="module")
 def layouts_module():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        spec = importlib.util.spec_from_file_location("ort_gated_layouts", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return benchmark_script("ort_gated_layouts")
 
 
 def test_the_module_lists_the_layouts_tested_here(layouts_module):

@@ -1,19 +1,12 @@
 """The device-timeline summary of ``examples/benchmarks/gpu_timeline.py``: BENCHMARKS.md's idle-time figures for the
 gated prefill rest on it."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "gpu_timeline.py"
+from conftest import benchmark_script
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_timeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("gpu_timeline")
 
 
 def _event(cat, name, ts, dur):

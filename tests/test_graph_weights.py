@@ -3,20 +3,13 @@ machine (``examples/benchmarks/graph_weights.py``): the GPU numbers for the gate
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "graph_weights.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def graph_weights():
-    spec = importlib.util.spec_from_file_location("graph_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("graph_weights")
 
 
 def test_gated_graph_refilled_from_the_same_model_is_identical_and_from_another_model_matches_it(

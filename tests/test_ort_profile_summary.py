@@ -3,22 +3,11 @@ for ONNX Runtime's own time per executed ``If`` rest on it."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "ort_gpu_speed.py"
+from conftest import benchmark_script
 
 
 def _load():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports its sibling graph_weights lazily
-    try:
-        spec = importlib.util.spec_from_file_location("ort_gpu_speed", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return benchmark_script("ort_gpu_speed")
 
 
 def _run(ts, dur):
