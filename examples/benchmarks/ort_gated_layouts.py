@@ -18,24 +18,21 @@ derives, by rewriting the ONNX file (no re-export; the weights file is shared):
   others moved out: which node kinds cost more inside an ``If``.
 * ``prefill_inlined``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by the branch the plan
   takes. Its routers still score every routed layer (the decisions output), but no condition goes to the host: what
-  the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels. (The unused
-  conditions are dropped since session 10: derived from an export with the bool ``ReduceMax`` of
-  ``rtexport/onnx/bool_reduce.py``, the reduction ran on the CPU after a copy, and the layout was not copy-free.)
+  the prefill's device-to-host copy per routed layer costs, apart from the routers' own kernels. (Here and in
+  ``prefill_masked`` the unused conditions are dropped since session 10: their bool ``ReduceMax``
+  (``rtexport/onnx/bool_reduce.py``) ran on the CPU after a host copy, and the layouts were not copy-free.)
 * ``prefill_masked``: the export's ``prefill.onnx`` with every per-layer ``If`` replaced by its taken branch: every
   routed block runs for the whole batch and each sequence keeps its output only where its router says run (the
   taken branch's ``Where``). No condition goes to the host and nothing depends on knowing the plan: the exact gated
   prefill (same logits, same decisions; a layer no sequence runs returns a cache that the runner drops), paying the
   skipped blocks' compute instead of the host copies.
-* ``prefill_no_sigmoid``: the export's ``prefill.onnx`` with each router's ``Sigmoid`` and threshold folded into one
-  comparison of its logit with the threshold's logit (what exports do since session 10; unchanged for them).
-* ``prefill_lean``: ``prefill_no_sigmoid`` with the ``And`` of each router's decisions with ``run_layer.{i}`` dropped
-  and the router scored in float16 (no cast of its pooled input): an upper bound for trimming the routers, exact
-  here because the benchmark runs every flag true and its routers decide far from the threshold.
-* ``prefill_inlined_lean``: ``prefill_lean`` without any ``If`` (as ``prefill_inlined``): the floor of the routers'
-  own kernels with no host copy.
 * ``prefill_kv_early``: the export's ``prefill.onnx`` with each routed layer's K and V projections moved before the
   wait for its condition, so the device computes them while the host enters the ``If``; a skipped layer computes
   them for nothing.
+
+(Session 10's run 1 also timed ``prefill_no_sigmoid``, ``prefill_lean`` and ``prefill_inlined_lean``, rewrites of
+session 9's routers, with this script as of commit 1e91894. Exports have compared logits and read no per-layer flag
+at prefill since, so on them those rewrites changed nothing, and they were removed.)
 
 The decode layouts compute the decode step only (a prefill through them would use the held decisions); the
 benchmark prefills with the gated graph and continues with each layout on that cache. Their greedy tokens must equal
@@ -71,8 +68,7 @@ import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
 
 LAYOUTS = ("flat", "inlined", "flat_max")  # and "part:A-B" (see derive)
-PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked", "prefill_no_sigmoid", "prefill_lean", "prefill_inlined_lean",
-                   "prefill_kv_early")
+PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked", "prefill_kv_early")
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
@@ -150,14 +146,7 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
     if layout == "prefill_inlined":
         return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), skip))
     if layout == "prefill_masked":
-        return _prefill_inlined(lift_phase(model, "prefill"), set())
-    if layout == "prefill_no_sigmoid":
-        return _fold_router_sigmoid(lift_phase(model, "prefill"))
-    if layout == "prefill_lean":
-        return _lean_routers(_fold_router_sigmoid(lift_phase(model, "prefill")))
-    if layout == "prefill_inlined_lean":
-        return _without_dead_nodes(_prefill_inlined(_lean_routers(_fold_router_sigmoid(lift_phase(model, "prefill"))),
-                                                    skip))
+        return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), set()))
     if layout == "prefill_kv_early":
         return _kv_early(lift_phase(model, "prefill"))
     if layout.startswith("part:"):
@@ -200,128 +189,20 @@ def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int]) -> onnx.ModelProt
     return prefill
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
-    return users
-
-
-def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Every read of ``old`` in ``graph`` and its branches reads ``new``."""
-    for node in graph.node:
-        node.input[:] = [new if i == old else i for i in node.input]
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _rename_input(a.g, old, new)
-
-
-def _fold_router_sigmoid(prefill: onnx.ModelProto) -> onnx.ModelProto:
-    """Each router's ``Sigmoid`` → ``GreaterOrEqual(score, threshold)`` as one comparison of the router's logit
-    with logit(threshold) (the same decision: the sigmoid is increasing). One kernel less per routed layer."""
-    from onnx import numpy_helper
-
-    graph = prefill.graph
-    users = _consumers(graph)
-    consts = {t.name: t for t in graph.initializer}
-    dropped, added = set(), {}
-    for node in graph.node:
-        if node.op_type != "Sigmoid" or len(users.get(node.output[0], [])) != 1:
-            continue
-        ge = users[node.output[0]][0]
-        if ge.op_type != "GreaterOrEqual" or ge.input[1] not in consts:
-            continue
-        tau = float(numpy_helper.to_array(consts[ge.input[1]]))
-        name = f"{ge.input[1]}_logit"
-        if name not in added:
-            added[name] = numpy_helper.from_array(np.array(np.log(tau / (1.0 - tau)), dtype=np.float32), name)
-        ge.input[:] = [node.input[0], name]
-        dropped.add(id(node))
-    kept = [n for n in graph.node if id(n) not in dropped]
-    del graph.node[:]
-    graph.node.extend(kept)
-    graph.initializer.extend(added.values())
-    return prefill  # unchanged for an export whose routers compare logits already
-
-
-def _lean_routers(prefill: onnx.ModelProto) -> onnx.ModelProto:
-    """An upper bound for trimming the routers further (not exact in general): the ``And`` with ``run_layer.{i}``
-    dropped where there is one (the benchmark runs every flag true) and the router scored in float16 (its pooled
-    input not cast to float32; the weight cast once, a constant ONNX Runtime folds; the threshold or limit it is
-    compared with cast to float16 just before the comparison)."""
-    graph = prefill.graph
-    users = _consumers(graph)
-    producer = {o: n for n in graph.node for o in n.output}
-    dropped, before = set(), {}  # before: id(node) -> nodes to insert just before it
-    for node in list(graph.node):
-        if node.op_type == "And" and node.input[1].startswith("run_layer."):
-            _rename_input(graph, node.output[0], node.input[0])
-            dropped.add(id(node))
-    for node in graph.node:
-        if node.op_type != "MatMul" or not node.input[1].endswith(".router.weight.T"):
-            continue
-        cast = producer.get(node.input[0])
-        if cast is None or cast.op_type != "Cast" or len(users.get(cast.output[0], [])) != 1:
-            continue
-        half = f"{node.input[1]}_fp16"
-        before.setdefault(id(node), []).append(
-            helper.make_node("Cast", [node.input[1]], [half], to=onnx.TensorProto.FLOAT16, name=f"{half}_cast"))
-        node.input[:] = [cast.input[0], half]
-        dropped.add(id(cast))
-        # the logit is float16 now: so is what it is compared with
-        for ge in graph.node:
-            if ge.op_type == "GreaterOrEqual" and ge.input[0] in _downstream(graph, node.output[0]):
-                thr = f"{ge.input[1]}_fp16_{ge.name}"
-                before.setdefault(id(ge), []).append(
-                    helper.make_node("Cast", [ge.input[1]], [thr], to=onnx.TensorProto.FLOAT16, name=f"{thr}_cast"))
-                ge.input[1] = thr
-    nodes = []
-    for node in graph.node:
-        nodes += before.get(id(node), [])
-        if id(node) not in dropped:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return prefill
-
-
-def _downstream(graph: onnx.GraphProto, name: str, hops: int = 3) -> set[str]:
-    """``name`` and the values made from it through at most ``hops`` single-input layout nodes (Reshape, ...)."""
-    found = {name}
-    for _ in range(hops):
-        for node in graph.node:
-            if node.op_type in ("Reshape", "Squeeze", "Unsqueeze", "Identity") and node.input[0] in found:
-                found.update(node.output)
-    return found
-
-
 def _without_dead_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` without the main-graph nodes no output depends on (the inlined layouts' unused conditions)."""
+    from rtexport.onnx.phase_graphs import node_reads
+
     graph = model.graph
     needed = {o.name for o in graph.output}
     kept = []
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             kept.append(node)
-            needed.update(node.input)
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    needed.update(_outer_reads(a.g))
+            node_reads(node, needed)  # what it and its branches read is needed too
     del graph.node[:]
     graph.node.extend(reversed(kept))
     return model
-
-
-def _outer_reads(graph: onnx.GraphProto) -> set[str]:
-    made = {o for n in graph.node for o in n.output}
-    reads = set()
-    for node in graph.node:
-        reads.update(i for i in node.input if i not in made)
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                reads.update(i for i in _outer_reads(a.g) if i not in made)
-    return reads
 
 
 def _kv_early(prefill: onnx.ModelProto) -> onnx.ModelProto:
@@ -548,10 +429,9 @@ def bench(args) -> None:
     if args.prefill_phase:  # the export's prefill.onnx, as the runner prefills on CUDA
         sessions["gated_phases"] = OrtCausalLM(graphs / "gated", providers=providers, phase_graphs=True)
     # the prefill layouts read the phase runner's weight tensors (one copy on the device for all of them)
-    phase_lm = sessions.get("gated_phases")
-    layouts = {name: OrtCausalLM(path, providers=providers,
-                                 share_weights_with=phase_lm if name in prefills and phase_lm is not None
-                                 and phase_lm._weights is not None else None)
+    shared = sessions.get("gated_phases")
+    shared = shared if shared is not None and shared._weights is not None else None
+    layouts = {name: OrtCausalLM(path, providers=providers, share_weights_with=shared if name in prefills else None)
                for name, path in paths.items()}
     decoding = not args.prefill_only
     results: dict = {}

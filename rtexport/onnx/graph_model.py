@@ -616,7 +616,8 @@ class DecoderGraph(nn.Module):
         (``weights``: ``_mean_weights``), scored in float32, against ``limit``: ``router_logit_limit`` of the
         threshold, or (B, 1, 1) limits per sequence (``_prefill_limits``). ``sigmoid(logit) >= threshold`` as the
         logit against the threshold's logit: the same decision (the sigmoid is increasing) with no ``Sigmoid``
-        kernel; the two differ only where float32 rounds the sigmoid onto the threshold (within 1e-7 of it)."""
+        kernel; the two can differ only for a logit so close to the threshold's that float32 rounds its sigmoid
+        onto the threshold."""
         pooled = (weights @ normed).to(torch.float32)  # (B, 1, hidden)
         return (pooled @ layer.router.weight.t()) >= limit
 

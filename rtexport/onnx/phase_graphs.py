@@ -40,11 +40,11 @@ _BRANCH = {"prefill": "then_branch", "decode": "else_branch"}
 def _names_read(graph: Any, into: set[str]) -> set[str]:
     """Every value name a node of ``graph`` or of its subgraphs reads, added to ``into``."""
     for node in graph.node:
-        _node_reads(node, into)
+        node_reads(node, into)
     return into
 
 
-def _node_reads(node: Any, into: set[str]) -> set[str]:
+def node_reads(node: Any, into: set[str]) -> set[str]:
     """The value names ``node`` and its subgraphs read, added to ``into``."""
     into.update(node.input)
     for attr in node.attribute:
@@ -74,7 +74,7 @@ def lift_phase(model: Any, phase: str) -> Any:
     for node in reversed(model.graph.node):
         if node.op_type != "If" and any(o in needed for o in node.output):
             before.append(node)
-            _node_reads(node, needed)
+            node_reads(node, needed)
     lifted = copy.deepcopy(model)
     graph = lifted.graph
     del graph.node[:]
