@@ -29,6 +29,10 @@ derives, by rewriting the ONNX file (no re-export; the weights file is shared):
 * ``prefill_kv_early``: the export's ``prefill.onnx`` with each routed layer's K and V projections moved before the
   wait for its condition, so the device computes them while the host enters the ``If``; a skipped layer computes
   them for nothing.
+* ``prefill_qkv_early``: the same with the Q, K and V projections and their rotary embeddings;
+  ``prefill_qkv_run`` only for the layers the plan runs (an exact prior of which layers run).
+* ``prefill_masked_run``: ``prefill_masked`` for the layers the plan runs (no ``If``, no host copy: each runs for
+  the whole batch and is masked per sequence, exact whatever the routers decide), an ``If`` for the others.
 
 (Session 10's run 1 also timed ``prefill_no_sigmoid``, ``prefill_lean`` and ``prefill_inlined_lean``, rewrites of
 session 9's routers, with this script as of commit 1e91894. Exports have compared logits and read no per-layer flag
@@ -68,7 +72,8 @@ import onnx  # noqa: E402
 from onnx import helper  # noqa: E402
 
 LAYOUTS = ("flat", "inlined", "flat_max")  # and "part:A-B" (see derive)
-PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked", "prefill_kv_early")
+PREFILL_LAYOUTS = ("prefill_inlined", "prefill_masked", "prefill_kv_early", "prefill_qkv_early", "prefill_qkv_run",
+                   "prefill_masked_run")
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
@@ -147,8 +152,16 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
         return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), skip))
     if layout == "prefill_masked":
         return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), set()))
+    if layout == "prefill_masked_run":
+        routed = {int(i.name.split(".")[1]) for i in model.graph.input if i.name.startswith("run_layer.")}
+        return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), set(), only=routed - skip))
     if layout == "prefill_kv_early":
         return _kv_early(lift_phase(model, "prefill"))
+    if layout in ("prefill_qkv_early", "prefill_qkv_run",
+                   "prefill_masked_run"):
+        routed = {int(i.name.split(".")[1]) for i in model.graph.input if i.name.startswith("run_layer.")}
+        return _early(lift_phase(model, "prefill"), routed - skip if layout == "prefill_qkv_run" else None,
+                      (".q_proj.weight.T", ".k_proj.weight.T", ".v_proj.weight.T"), rotary=True)
     if layout.startswith("part:"):
         part = tuple(int(v) for v in layout[5:].split("-"))
     elif layout not in LAYOUTS:
@@ -170,9 +183,9 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
     return derived
 
 
-def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int]) -> onnx.ModelProto:
-    """``prefill`` (a lifted prefill graph) with each per-layer ``If`` replaced by the branch the plan takes. The
-    ``If``\\ s are in layer order, one per ``run_layer.{i}`` input."""
+def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int], only: set[int] | None = None) -> onnx.ModelProto:
+    """``prefill`` (a lifted prefill graph) with each per-layer ``If`` (of the layers in ``only``; None: all)
+    replaced by the branch the plan takes. The ``If``\\ s are in layer order, one per ``run_layer.{i}`` input."""
     ifs = [n for n in prefill.graph.node if n.op_type == "If"]
     routed = sorted(int(i.name.split(".")[1]) for i in prefill.graph.input if i.name.startswith("run_layer."))
     if len(ifs) != len(routed):
@@ -180,7 +193,7 @@ def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int]) -> onnx.ModelProt
     layer_of = {id(n): i for n, i in zip(ifs, routed)}
     nodes: list[onnx.NodeProto] = []
     for node in prefill.graph.node:
-        if node.op_type == "If":
+        if node.op_type == "If" and (only is None or layer_of[id(node)] in only):
             nodes += _inline(node, _branch(node, "else_branch" if layer_of[id(node)] in skip else "then_branch"))
         else:
             nodes.append(node)
@@ -209,17 +222,33 @@ def _kv_early(prefill: onnx.ModelProto) -> onnx.ModelProto:
     """Each per-layer ``If``'s K and V projections moved out of its taken branch, to just before the condition's
     reduction (after the host copy is queued, before the host waits for it): the device computes them while the
     host wakes and enters the ``If``. Skipped layers compute them for nothing."""
+    return _early(prefill, None, (".k_proj.weight.T", ".v_proj.weight.T"), rotary=False)
+
+
+def _early(prefill: onnx.ModelProto, layers: set[int] | None, projections: tuple[str, ...],
+           rotary: bool) -> onnx.ModelProto:
+    """The projections (MatMuls whose weight name ends with one of ``projections``) of each per-layer ``If`` in
+    ``layers`` (None: every routed layer), with the rotary embeddings applied to them if ``rotary``, moved out of
+    its taken branch to just before the condition's reduction: queued after the condition's host copy, so the
+    device computes them while the host waits for the copy and enters the ``If``."""
     graph = prefill.graph
+    routed = sorted(int(i.name.split(".")[1]) for i in graph.input if i.name.startswith("run_layer."))
+    ifs = [n for n in graph.node if n.op_type == "If"]
+    if len(ifs) != len(routed):
+        raise SystemExit(f"{len(ifs)} If nodes for {len(routed)} routed layers: not a lifted prefill graph")
+    layer_of = {id(n): i for n, i in zip(ifs, routed)}
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        if node.op_type != "If":
+        if node.op_type != "If" or (layers is not None and layer_of[id(node)] not in layers):
             nodes.append(node)
             continue
         taken = _branch(node, "then_branch")
-        early = [n for n in taken.node if n.op_type == "MatMul"
-                 and n.input[1].endswith((".k_proj.weight.T", ".v_proj.weight.T"))]
-        if len(early) != 2:
-            raise SystemExit(f"{node.name}: no K and V projections in its taken branch")
+        early = [n for n in taken.node if n.op_type == "MatMul" and n.input[1].endswith(projections)]
+        if len(early) != len(projections):
+            raise SystemExit(f"{node.name}: not every projection of {projections} in its taken branch")
+        if rotary:
+            made = {o for n in early for o in n.output}
+            early += [n for n in taken.node if n.op_type == "RotaryEmbedding" and n.input[0] in made]
         rest = [n for n in taken.node if all(n is not e for e in early)]
         del taken.node[:]
         taken.node.extend(rest)
