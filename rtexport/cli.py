@@ -166,6 +166,7 @@ def export_onnx(
     attention: str = typer.Option("auto", help="auto (fused at opset >= 23), fused (ONNX Attention), explicit (MatMul/Softmax) or gqa (ONNX Runtime's GroupQueryAttention on a preallocated cache: flash attention at prefill, fused decode kernels; needs --kv-cache preallocated --logits selected)."),
     kv_cache: str = typer.Option("growing", help="growing (past + new K/V out) or preallocated (static mode: one buffer per K/V written in place; ONNX Runtime can replay its decode step as a CUDA graph)."),
     logits: str = typer.Option("all", help="all (logits for every token, what ORT GenAI reads) or selected (a logits_positions input names the positions to score: a prefill runs the LM head on the last token only)."),
+    prefill_always: str = typer.Option("auto", help="Gated: routed layers that run at prefill without an If, masked per sequence (no device-to-host copy; a batch that skips one pays its compute): auto (those the routers ran for >= 90% of held-out sequences), none, or layers like 16-22."),
     fmt: str = typer.Option("graph", "--format", help="graph (model.onnx + data) or ort-gpu (a validated runnable package)."),
     atol: Optional[float] = typer.Option(None, help="Parity tolerance for --format ort-gpu (default per dtype)."),
     revision: Optional[str] = typer.Option(None),
@@ -190,7 +191,7 @@ def export_onnx(
         routed = load_tuned(loaded, routers)
     graph_dir = output if fmt == "graph" else Path(tempfile.mkdtemp(prefix=".rtexport-onnx-", dir=output.parent if output.parent.exists() else None))
     path = run_export(loaded, graph_dir, mode=mode, plan=plan, routed=routed, dtype=onnx_dtype, opset=opset,
-                      attention=attention, kv_cache=kv_cache, logits=logits)
+                      attention=attention, kv_cache=kv_cache, logits=logits, prefill_always=prefill_always)
     Console().print(f"{mode} graph -> {path}")
     from .onnx.phase_graphs import MANIFEST_NAME, PHASE_GRAPHS
 

@@ -26,6 +26,7 @@ from rtexport.routing import RoutedModel
 NUM_LAYERS = 4
 STATIC_SKIP = [1, 2]  # attention removed from layers 1 and 2: KV only for layers 0 and 3
 ROUTED_LAYERS = [1, 2]
+PREFILL_ALWAYS = [1]  # mode "gated_always"
 
 
 @dataclass
@@ -55,7 +56,8 @@ def randomise_routers(routed: RoutedModel, seed: int = 1) -> None:
 
 @functools.cache
 def exported(arch: str, mode: str, logits: str = "all") -> Case:
-    """``mode``: static, gated, preallocated (the static graph with a preallocated KV cache) or gqa (that cache
+    """``mode``: static, gated, gated_always (gated, routed layer ``PREFILL_ALWAYS`` without an ``If`` at
+    prefill), preallocated (the static graph with a preallocated KV cache) or gqa (that cache
     written by ONNX Runtime's GroupQueryAttention; needs ``logits="selected"``); ``logits``: all, or selected (the
     graph takes ``logits_positions``). The same random model for every mode of ``arch``."""
     model = build_model(arch, num_hidden_layers=NUM_LAYERS)
@@ -69,14 +71,16 @@ def exported(arch: str, mode: str, logits: str = "all") -> Case:
         return Case(arch, mode, model, loaded, out, plan=plan)
     routed = RoutedModel.from_model(model, layers=ROUTED_LAYERS)
     randomise_routers(routed)
-    export_onnx(loaded, out, mode="gated", routed=routed, logits=logits)
+    # gated_always: the first routed layer runs at prefill without an If (masked per sequence), the other in one
+    always = PREFILL_ALWAYS if mode == "gated_always" else "none"
+    export_onnx(loaded, out, mode="gated", routed=routed, logits=logits, prefill_always=always)
     return Case(arch, mode, model, loaded, out, routed=routed)
 
 
 @contextlib.contextmanager
 def reference(case: Case):
     """PyTorch computing what the graph computes: the plan's sub-blocks forced off, or the routers deciding."""
-    if case.mode == "gated":
+    if case.mode in ("gated", "gated_always"):
         yield case.model
         return
     routed = RoutedModel.from_model(case.model, layers=case.plan.candidates)

@@ -4,6 +4,7 @@ Runtime (CPU): graph layout, logits parity over real tokens with padding and wit
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import onnx
@@ -175,9 +176,11 @@ def test_static_parity_padding_and_cache(arch):
         assert max_diff_real(out.logits, ref, torch.ones(3, 3)) <= ATOL
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_gated_parity_takes_each_branch(arch):
-    case = exported(arch, "gated")
+@pytest.mark.parametrize("arch,mode", [("llama", "gated"), ("qwen2", "gated"), ("llama", "gated_always")])
+def test_gated_parity_takes_each_branch(arch, mode):
+    """gated_always: routed layer 1 runs at prefill without an If (masked per sequence): the same logits, decisions
+    and caches (a layer no sequence runs keeps none: the runner drops the present it computed)."""
+    case = exported(arch, mode)
     ort_model = OrtCausalLM(case.onnx_dir)
     patterns = branch_inputs(case)
     mixed = [patterns[p][0] for p in sorted(patterns)][:3]
@@ -246,6 +249,70 @@ def test_gated_prefill_runs_only_the_sub_blocks_some_sequence_needs():
             assert not pattern[r] or np.abs(present).max() > 0
 
 
+def test_prefill_always_layers_run_at_prefill_without_an_if():
+    """prefill_always=[1]: at prefill layer 1 runs for the whole batch with no If (its present holds the prompt's
+    keys even when no sequence runs it; the runner drops it then), layer 2 in its If; after prefill both are in an
+    If on their host flag. Recorded in the export's spec."""
+    from onnx_cases import PREFILL_ALWAYS
+
+    case = exported("llama", "gated_always")
+    assert load_export_info(case.onnx_dir)["spec"]["prefill_always"] == PREFILL_ALWAYS == [1]
+
+    def layer_ifs(path):
+        model = onnx.load(str(case.onnx_dir / path), load_external_data=False)
+        ifs = [n for n in model.graph.node if n.op_type == "If"]
+        return sorted({w.split(".")[1] for n in ifs for a in n.attribute if a.name == "then_branch"
+                       for x in a.g.node for w in x.input if w.endswith("q_proj.weight.T")})
+
+    assert layer_ifs("prefill.onnx") == ["2"]
+    assert layer_ifs("decode.onnx") == ["1", "2"]
+    ort_model = OrtCausalLM(case.onnx_dir, phase_graphs=True)
+    patterns = branch_inputs(case)
+    skipped = next((s for p, s in sorted(patterns.items()) if not p[0]), None)
+    assert skipped is not None, f"no test input skips layer 1: {sorted(patterns)}"
+    batch = left_pad(skipped[:2])
+    ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(batch["attention_mask"]).numpy(),
+             "routing_decisions": np.ones((2, len(ROUTED_LAYERS)), dtype=np.bool_),
+             **{f"run_layer.{i}": np.array(True) for i in ROUTED_LAYERS}}
+    for i in range(NUM_LAYERS):
+        feeds[f"past_key_values.{i}.key"] = feeds[f"past_key_values.{i}.value"] = np.zeros((2, 2, 0, 16), np.float32)
+    decisions, present = ort_model.prefill_session.run(["decisions", "present.1.key"], feeds)
+    assert not decisions[:, 0].any() and present.shape[2] == ids.shape[1]
+    step = ort_model.forward(ids, mask)
+    assert step.cache.past[1][0].shape[2] == 0  # dropped: no sequence runs layer 1
+
+
+def test_prefill_always_auto_follows_the_routers_execution_rates(tmp_path):
+    """"auto": the routed layers the routers ran for >= 90% of held-out sequences; none without rates. Layers that
+    are not routed, or not layers at all, are one clear error."""
+    from rtexport.onnx.export import build_graph_module
+    from rtexport.onnx.graph_model import prefill_always_from_rates
+
+    assert prefill_always_from_rates({"1": 0.95, "2": 0.5}, [1, 2]) == [1]
+    assert prefill_always_from_rates({"1": 0.9, "2": 1.0}, [1, 2]) == [1, 2]
+    assert prefill_always_from_rates({}, [1, 2]) == []
+    model = build_model("llama", num_hidden_layers=NUM_LAYERS)
+    loaded = wrap_model(model, model_id="tiny-llama")
+    routed = RoutedModel.from_model(model, layers=ROUTED_LAYERS)
+    try:
+        build = functools.partial(build_graph_module, loaded, mode="gated", routed=routed, prefill_select="cond")
+        assert build().spec.prefill_always == ()  # auto, no measured rates
+        routed.config.execution_rates = {"1": 0.2, "2": 0.97}
+        assert build().spec.prefill_always == (2,)
+        assert build(prefill_always="none").spec.prefill_always == ()
+        assert build(prefill_always="1-2").spec.prefill_always == (1, 2)
+        assert build(prefill_select="logical").spec.prefill_always == ()  # auto: nothing to leave out there
+        with pytest.raises(ArtifactMismatch, match="not routed"):
+            build(prefill_always=[0])
+        with pytest.raises(ArtifactMismatch, match="layers must look like"):
+            build(prefill_always="first")
+        with pytest.raises(ArtifactMismatch, match="prefill_select='cond'"):
+            build(prefill_always=[1], prefill_select="logical")
+    finally:
+        routed.unwrap()
+
+
 def test_routing_decisions_force_a_routed_layer_off_at_prefill_per_sequence():
     """README-gated: at prefill, ``routing_decisions[b, r] = false`` forces routed layer ``r`` off for sequence
     ``b``: its decisions entry is false and its logits are PyTorch's with that layer off for it, while the other
@@ -288,10 +355,11 @@ def test_routing_decisions_force_a_routed_layer_off_at_prefill_per_sequence():
             assert present.shape[2] == (0 if forced_rows == [0, 1] else ids.shape[1])
 
 
-@pytest.mark.parametrize("arch,mode", [("llama", "static"), ("llama", "gated"), ("qwen2", "gated")])
+@pytest.mark.parametrize("arch,mode", [("llama", "static"), ("llama", "gated"), ("qwen2", "gated"),
+                                       ("llama", "gated_always")])
 def test_greedy_decoding_through_kv_cache_matches_torch(arch, mode):
     case = exported(arch, mode)
-    if mode == "gated":
+    if mode != "static":
         patterns = branch_inputs(case)
         seqs = [patterns[p][0] for p in sorted(patterns)][:3]
     else:

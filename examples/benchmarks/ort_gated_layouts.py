@@ -183,18 +183,28 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
     return derived
 
 
+def _prefill_if_layers(prefill: onnx.ModelProto) -> dict[str, int]:
+    """Node name -> routed layer for each per-layer ``If`` of a lifted prefill graph: the layer whose
+    projections its taken branch reads (a ``prefill_always`` layer has no ``If`` there)."""
+    layer_of = {}
+    for node in prefill.graph.node:
+        if node.op_type == "If":
+            names = {w for n in _branch(node, "then_branch").node for w in n.input if w.endswith("_proj.weight.T")}
+            layers = {int(w.split(".")[1]) for w in names if w.startswith("layers.")}
+            if len(layers) != 1:
+                raise SystemExit(f"{node.name}: not one routed layer's If (its branch reads layers {sorted(layers)})")
+            layer_of[node.name] = layers.pop()
+    return layer_of
+
+
 def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int], only: set[int] | None = None) -> onnx.ModelProto:
     """``prefill`` (a lifted prefill graph) with each per-layer ``If`` (of the layers in ``only``; None: all)
     replaced by the branch the plan takes. The ``If``\\ s are in layer order, one per ``run_layer.{i}`` input."""
-    ifs = [n for n in prefill.graph.node if n.op_type == "If"]
-    routed = sorted(int(i.name.split(".")[1]) for i in prefill.graph.input if i.name.startswith("run_layer."))
-    if len(ifs) != len(routed):
-        raise SystemExit(f"{len(ifs)} If nodes for {len(routed)} routed layers: not a lifted prefill graph")
-    layer_of = {id(n): i for n, i in zip(ifs, routed)}
+    layer_of = _prefill_if_layers(prefill)
     nodes: list[onnx.NodeProto] = []
     for node in prefill.graph.node:
-        if node.op_type == "If" and (only is None or layer_of[id(node)] in only):
-            nodes += _inline(node, _branch(node, "else_branch" if layer_of[id(node)] in skip else "then_branch"))
+        if node.op_type == "If" and (only is None or layer_of[node.name] in only):
+            nodes += _inline(node, _branch(node, "else_branch" if layer_of[node.name] in skip else "then_branch"))
         else:
             nodes.append(node)
     del prefill.graph.node[:]
@@ -232,14 +242,10 @@ def _early(prefill: onnx.ModelProto, layers: set[int] | None, projections: tuple
     its taken branch to just before the condition's reduction: queued after the condition's host copy, so the
     device computes them while the host waits for the copy and enters the ``If``."""
     graph = prefill.graph
-    routed = sorted(int(i.name.split(".")[1]) for i in graph.input if i.name.startswith("run_layer."))
-    ifs = [n for n in graph.node if n.op_type == "If"]
-    if len(ifs) != len(routed):
-        raise SystemExit(f"{len(ifs)} If nodes for {len(routed)} routed layers: not a lifted prefill graph")
-    layer_of = {id(n): i for n, i in zip(ifs, routed)}
+    layer_of = _prefill_if_layers(prefill)
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
-        if node.op_type != "If" or (layers is not None and layer_of[id(node)] not in layers):
+        if node.op_type != "If" or (layers is not None and layer_of[node.name] not in layers):
             nodes.append(node)
             continue
         taken = _branch(node, "then_branch")

@@ -222,6 +222,10 @@ def export_phase(args) -> None:
         for r in routed.routers.values():
             r.proj.weight.copy_(torch.randn(r.proj.weight.shape, generator=g))
     opset = 23 if args.attention == "fused" else 18
+    # "plan": the routed layers the benchmark's routers run (they are set to the plan's decisions where measured),
+    # as "auto" picks them by measured execution rates; these routers are random and have none
+    always = ([i for i in plan.candidates if i not in plan.skip] if args.prefill_always == "plan"
+              else args.prefill_always)
     seconds = {}
     for mode in args.modes.split(","):
         t = time.perf_counter()
@@ -229,7 +233,8 @@ def export_phase(args) -> None:
             folder = Path(work) / mode
             if mode == "gated":
                 export_onnx(loaded, folder, mode="gated", routed=routed, dtype="float16", opset=opset,
-                            attention=args.attention, prefill_select=args.prefill_select, logits=args.logits)
+                            attention=args.attention, prefill_select=args.prefill_select, logits=args.logits,
+                            prefill_always=always)
                 routed.unwrap()
             elif mode == "gqa":  # the preallocated cache written by ORT's GroupQueryAttention (selected logits)
                 export_onnx(loaded, folder, mode="static", plan=plan, dtype="float16", opset=opset,
@@ -242,7 +247,7 @@ def export_phase(args) -> None:
             strip(folder, out / mode)
         print(mode, "exported in", seconds[mode], "s", flush=True)
     record = {"shape": args.shape, "skip": plan.skip, "candidates": plan.candidates, "attention": args.attention,
-              "prefill_select": args.prefill_select, "logits": args.logits,
+              "prefill_select": args.prefill_select, "logits": args.logits, "prefill_always": always,
               "opset": opset, "torch": torch.__version__, "export_seconds": seconds}
     (out / "bench.json").write_text(json.dumps(record, indent=1))
 
@@ -528,6 +533,9 @@ def main() -> None:
                     help="fused: opset 23, one ONNX Attention node per layer; explicit: opset 18 MatMul/Softmax")
     ex.add_argument("--prefill-select", choices=("cond", "logical"), default=None,
                     help="the gated graph's layout (rtexport.onnx.graph_model.PREFILL_SELECTS; default: this torch's)")
+    ex.add_argument("--prefill-always", default="none",
+                    help="the gated graph's routed layers without an If at prefill: none (default), plan (the "
+                         "layers the plan keeps, which the measured routers run), or layers (export_onnx's)")
     ex.add_argument("--modes", default="gated,static", help="which graphs to export (comma-separated)")
     ex.add_argument("--logits", choices=("all", "selected"), default="selected",
                     help="selected (default): the LM head runs on the positions asked for (the last one in these "

@@ -10,6 +10,7 @@ their own, over the same weights file) and ``phase_graphs.json``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import time
@@ -21,9 +22,10 @@ import torch
 
 from ..errors import ArtifactMismatch, DataError
 from ..fsutil import atomic_directory, file_sha256, read_artifact, write_json_atomic
+from ..routing.config import parse_layers
 from .bool_reduce import reduce_bool_any
 from .graph_model import (ATTENTION_KINDS, EXPORT_DOMAIN, KV_CACHES, LOGITS, MODES, PREALLOCATED_OPSET, DecoderGraph,
-                          GraphSpec, build_spec)
+                          GraphSpec, build_spec, prefill_always_from_rates)
 from .phase_graphs import write_phase_graphs
 
 GRAPH_NAME = "model.onnx"
@@ -293,10 +295,11 @@ def check_graph(path: str | Path) -> None:
 
 
 def _check_gated_layout(path: Path, spec: GraphSpec, prefill_select: str) -> None:
-    """The If nodes a gated export must hold. "cond": one in the main graph (the prefill flag) and, in each of its
-    branches, one per routed layer (the sub-block's); "logical": one per routed layer in the main graph."""
+    """The If nodes a gated export must hold. "cond": one in the main graph (the prefill flag) and one per routed
+    layer (the sub-block's) in each of its branches, except the prefill branch's ``prefill_always`` layers;
+    "logical": one per routed layer in the main graph."""
     routed = len(spec.routed_layers)
-    want = (1, 1 + 2 * routed) if prefill_select == "cond" else (routed, routed)
+    want = (1, 1 + 2 * routed - len(spec.prefill_always)) if prefill_select == "cond" else (routed, routed)
     have = (_count_ops(path, "If"), _count_ops(path, "If", subgraphs=True))
     if have != want:
         raise ArtifactMismatch(
@@ -376,6 +379,7 @@ def build_graph_module(
     prefill_select: str | None = None,
     kv_cache: str = "growing",
     logits: str = "all",
+    prefill_always: str | list[int] | None = "auto",
 ) -> DecoderGraph:
     """The ``DecoderGraph`` (the module torch.onnx traces) that :func:`export_onnx` exports for these arguments,
     after the same checks. Also what a caller needs to re-create an export's weights on another machine."""
@@ -421,10 +425,34 @@ def build_graph_module(
         routed_target=routed_target,
         threshold=threshold,
     )
+    prefill_select = prefill_select or prefill_select_for_this_torch()
+    if mode == "gated":
+        always = _prefill_always(prefill_always, routed.config, list(spec.routed_layers), prefill_select)
+        spec = dataclasses.replace(spec, prefill_always=tuple(always))
     with torch.no_grad():
         return DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention,
-                            prefill_select=prefill_select or prefill_select_for_this_torch(), kv_cache=kv_cache,
-                            logits=logits)
+                            prefill_select=prefill_select, kv_cache=kv_cache, logits=logits)
+
+
+def _prefill_always(choice: str | list[int] | None, config: Any, routed_layers: list[int],
+                    prefill_select: str) -> list[int]:
+    """``export_onnx``'s ``prefill_always`` as a list of routed layers (see there)."""
+    if choice is None or (isinstance(choice, str) and choice.strip().lower() in ("", "none")):
+        return []
+    if isinstance(choice, str) and choice.strip().lower() == "auto":
+        # the logical layout has no prefill If to leave out
+        if prefill_select != "cond":
+            return []
+        return prefill_always_from_rates(config.execution_rates, routed_layers)
+    layers = parse_layers(choice, config.num_layers)
+    stray = sorted(set(layers) - set(routed_layers))
+    if stray:
+        raise ArtifactMismatch(f"prefill_always names layers {stray}, which are not routed in this graph "
+                               f"(routed: {routed_layers})")
+    if layers and prefill_select != "cond":
+        raise ArtifactMismatch("prefill_always needs prefill_select='cond' (this torch exports the logical layout, "
+                               "which runs every routed sub-block in an If at prefill too)")
+    return layers
 
 
 def export_onnx(
@@ -441,6 +469,7 @@ def export_onnx(
     prefill_select: str | None = None,
     kv_cache: str = "growing",
     logits: str = "all",
+    prefill_always: str | list[int] | None = "auto",
 ) -> Path:
     """Export ``loaded`` (a ``LoadedModel``) to ``output_dir``; returns the path of ``model.onnx``.
 
@@ -460,13 +489,20 @@ def export_onnx(
     ``logits``: ``"all"`` (``logits`` for every new token, what ORT GenAI reads) or ``"selected"`` (a
     ``logits_positions`` input names the positions to score: a generate loop asks for the last one, so a prefill
     does not run the LM head over the whole prompt).
+    ``prefill_always`` (gated, ``prefill_select="cond"``): the routed layers that run at prefill without an ``If``,
+    for the whole batch, each sequence keeping its output only where its router says run (the same logits and
+    decisions; no device-to-host copy and no wait for the host, the compute of a block the batch skips instead):
+    ``"auto"``, those the routers ran for at least ``graph_model.PREFILL_ALWAYS_RATE`` of the held-out sequences
+    (``RouterConfig.execution_rates``; none without rates), ``None`` / ``"none"`` / ``[]``, none, or layers
+    (``"16-22"`` or a list). After prefill every routed layer is in an ``If`` on its host flag.
     """
     started = time.perf_counter()
     if opset is None:
         opset = DEFAULT_OPSET
     dtype_name, torch_dtype = _canonical_dtype(dtype)
     graph = build_graph_module(loaded, mode=mode, plan=plan, routed=routed, dtype=dtype, opset=opset,
-                               attention=attention, prefill_select=prefill_select, kv_cache=kv_cache, logits=logits)
+                               attention=attention, prefill_select=prefill_select, kv_cache=kv_cache, logits=logits,
+                               prefill_always=prefill_always)
     spec, attention, prefill_select = graph.spec, graph.attention, graph.prefill_select
     output_dir = Path(output_dir)
     with torch.no_grad():

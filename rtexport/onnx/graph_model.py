@@ -73,6 +73,10 @@ GQA_DOMAIN = "com.microsoft"
 # host-side prefill flag around the decoder (no host-to-device copy, routers not run at decode; needs torch >= 2.13's
 # exporter), or "logical", and/or of the flag with both (one small host-to-device copy of the flag per step; any torch)
 PREFILL_SELECTS = ("cond", "logical")
+# a routed layer whose router runs it for at least this fraction of held-out sequences runs at prefill without an
+# ``If`` (``prefill_always="auto"``): an ``If`` at prefill costs a device-to-host copy and the device's wait for the
+# host every time, running the block for a batch that skips it costs its compute only then (GraphSpec.prefill_always)
+PREFILL_ALWAYS_RATE = 0.9
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,10 @@ class GraphSpec:
     target: str = "attn"
     threshold: float = 0.5
     sliding_windows: dict[int, int] = field(default_factory=dict)
+    # routed layers whose sub-block runs at prefill for the whole batch, with no ``If``, each sequence keeping its
+    # output only where its router says run (exact whatever the routers decide); the others run inside an ``If`` on
+    # "some sequence runs it". After prefill every routed layer is in an ``If`` on its host flag.
+    prefill_always: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +108,10 @@ class GraphSpec:
                      "block": [self.attention_layers, self.mlp_layers]}[self.target]
             if any(i not in group for group in needs):
                 raise ArtifactMismatch(f"layer {i} is routed but its {self.target} sub-block is not in the graph")
+        stray = sorted(set(self.prefill_always) - set(self.routed_layers))
+        if stray:
+            raise ArtifactMismatch(f"prefill_always names layers {stray}, which are not routed "
+                                   f"(routed: {list(self.routed_layers)})")
 
     # KV layout: every layer with attention has one past/present pair, named by its index in the original model
     @property
@@ -126,6 +138,7 @@ class GraphSpec:
             target=d.get("target", "attn"),
             threshold=float(d.get("threshold", 0.5)),
             sliding_windows={int(k): int(v) for k, v in d.get("sliding_windows", {}).items()},
+            prefill_always=tuple(int(i) for i in d.get("prefill_always", ())),
         )
 
 
@@ -139,9 +152,11 @@ def build_spec(
     routed_layers: list[int] | None = None,
     routed_target: str = "attn",
     threshold: float = 0.5,
+    prefill_always: list[int] | None = None,
 ) -> GraphSpec:
     """The graph layout for a model: ``skip`` sub-blocks of kind ``skip_target`` are left out; in gated mode the
-    ``routed_layers`` sub-blocks of kind ``routed_target`` go in an ``If`` each."""
+    ``routed_layers`` sub-blocks of kind ``routed_target`` go in an ``If`` each (at prefill, those not in
+    ``prefill_always``)."""
     n = int(config.num_hidden_layers)
     skip = sorted(set(int(i) for i in (skip or [])))
     attn = [i for i in range(n) if not (skip_target in ("attn", "block") and i in skip)]
@@ -164,7 +179,17 @@ def build_spec(
         target=target,
         threshold=float(threshold),
         sliding_windows=windows,
+        prefill_always=tuple(sorted(set(int(i) for i in (prefill_always or [])))),
     )
+
+
+def prefill_always_from_rates(execution_rates: dict[str, float] | dict[int, float], routed_layers: list[int],
+                              rate: float = PREFILL_ALWAYS_RATE) -> list[int]:
+    """The routed layers that run without an ``If`` at prefill by the routers' measured execution rates (the
+    fraction of held-out sequences whose router runs each layer, ``RouterConfig.execution_rates``): those at
+    ``rate`` or above. No rates (routers not measured): none."""
+    rates = {int(k): float(v) for k, v in (execution_rates or {}).items()}
+    return [i for i in routed_layers if rates.get(i, 0.0) >= rate]
 
 
 class _Layer(nn.Module):
@@ -346,6 +371,9 @@ class DecoderGraph(nn.Module):
         if prefill_select not in PREFILL_SELECTS:
             raise ArtifactMismatch(f"prefill_select must be one of {', '.join(PREFILL_SELECTS)}, got {prefill_select!r}")
         self.prefill_select = prefill_select
+        if spec.prefill_always and prefill_select != "cond":
+            raise ArtifactMismatch("prefill_always needs prefill_select='cond' (the logical layout runs every routed "
+                                   "sub-block in an If on run_layer.{i}, at prefill too)")
         if attention not in ATTENTION_KINDS:
             raise ArtifactMismatch(f"attention must be one of {', '.join(ATTENTION_KINDS)}, got {attention!r}")
         config = model.config
@@ -723,7 +751,8 @@ class DecoderGraph(nn.Module):
                 r = spec.routed_layers.index(i)
                 x, kv, dec = self._routed_layer(layer, x, past.get(i), cos, sin, mask, mean_weights,
                                                 held[r] if held else None, run_layer[r], phase, is_prefill,
-                                                limits[r] if limits else None)
+                                                limits[r] if limits else None,
+                                                always=phase == "prefill" and i in spec.prefill_always)
                 decisions.append(dec)
                 if kv is not None:
                     presents[i] = kv
@@ -788,14 +817,17 @@ class DecoderGraph(nn.Module):
 
         return taken, skipped
 
-    def _routed_layer(self, layer, x, kv, cos, sin, mask, mean_weights, given, run, phase, is_prefill, limit):
+    def _routed_layer(self, layer, x, kv, cos, sin, mask, mean_weights, given, run, phase, is_prefill, limit,
+                      always: bool = False):
         r"""One routed sub-block; returns ``(x, (present_k, present_v) or None, decision)``, the decision (B, 1, 1)
         (None at decode, where the held decisions are the output).
 
         ``phase="prefill"``: the router scores the sequences against ``limit`` (``_prefill_limits``: the sequences
         that ``routing_decisions`` forces off never reach it) and the sub-block's ``If`` runs it only when some
         sequence of the batch needs it (a condition computed on the device: ONNX Runtime copies one bool to the
-        host, once per routed layer, at prefill only). ``run_layer.{i}`` is not read at prefill.
+        host, once per routed layer, at prefill only). ``run_layer.{i}`` is not read at prefill. ``always``
+        (``GraphSpec.prefill_always``): no ``If``, the taken branch for the whole batch (its ``Where`` keeps each
+        sequence's own result), so no copy and no wait; a batch that skips the layer pays its compute.
         ``phase="decode"``: the sub-block's ``If`` on the host input ``run_layer.{i}`` with the held decision
         ``given`` (B, 1, 1); no router, no host/device copy.
 
@@ -828,7 +860,11 @@ class DecoderGraph(nn.Module):
             else:
                 dec = self._score(layer, normed, mean_weights, limit)
                 condition = dec.any()
-        result = _caches_nonempty(torch.cond(condition, taken, skipped, (*operands, given if dec is None else dec)))
+        if always:
+            result = taken(*operands, dec)
+        else:
+            result = _caches_nonempty(torch.cond(condition, taken, skipped,
+                                                 (*operands, given if dec is None else dec)))
         if mlp:
             return result[0], kv, dec
         x, k, v = result

@@ -152,6 +152,10 @@ Inputs beyond the usual `input_ids`, `attention_mask`, `position_ids`, `past_key
 
 1. Prefill: empty caches, `routing_decisions` all true (a false entry forces that sequence's layer off), every
    `run_layer.{i}` true (not read at prefill). The graph's routers decide per sequence and return `decisions`.
+{%- if prefill_always %}
+   Layers {{ ranges(prefill_always) }} (those the routers run for nearly every sequence) have no `If` at prefill:
+   they run for the batch, masked per sequence, so their `present` is not empty even when no sequence runs them.
+{%- endif %}
 2. Decode steps: feed `decisions` back as `routing_decisions`; set `run_layer.{i}` = any sequence runs layer `i`,
    bound as a CPU tensor (ONNX Runtime's CUDA `If` reads its condition on the host: no device-to-host copy is needed);
    {% if target != "mlp" %}give layers that no sequence runs an empty cache (batch, kv_heads, 0, head_dim) and drop their
@@ -162,7 +166,7 @@ routing inputs, so this package has no `genai_config.json`.
 {% if phase_graphs %}
 `model.onnx` serves both steps: its decoder sits twice inside one `If` on "is this a prefill" (no cache yet), and
 ONNX Runtime runs a graph inside an `If` at a higher cost per node. `prefill.onnx` and `decode.onnx` are that `If`'s
-two branches as graphs of their own: same inputs, outputs and weights file, one `If` per routed block each. Run the
+two branches as graphs of their own: same inputs, outputs and weights file, one `If` per routed block each{% if prefill_always %} (`prefill.onnx`: but layers {{ ranges(prefill_always) }}){% endif %}. Run the
 prompt through `prefill.onnx` and every later step through `decode.onnx` (on an H200, Llama-3-8B shape, decode steps
 1-5% faster than through `model.onnx`). `run_ort.py` does so on CUDA, with two sessions given the same weight
 tensors: it loads each weight once (`phase_graphs.json` says where it lies in `model.onnx.data`) and hands it to both
@@ -247,6 +251,7 @@ def render_readme(info: dict[str, Any], report: dict[str, Any], genai: bool) -> 
         skipped=plan.get("skip", []),
         kv_layers=spec["kv_layers"],
         routed=spec["routed_layers"],
+        prefill_always=spec.get("prefill_always", []),
         target=spec["target"],
         data_mb=round(info["files"][DATA_NAME]["bytes"] / 1e6, 1),
         genai=genai,

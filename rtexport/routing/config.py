@@ -26,13 +26,16 @@ def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
         return default_routed_layers(num_layers)
     if isinstance(spec, str):
         out: list[int] = []
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part:
-                a, b = part.split("-", 1)
-                out.extend(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
+        try:
+            for part in spec.split(","):
+                part = part.strip()
+                if "-" in part:
+                    a, b = part.split("-", 1)
+                    out.extend(range(int(a), int(b) + 1))
+                elif part:
+                    out.append(int(part))
+        except ValueError:
+            raise ArtifactMismatch(f"layers must look like 16-27, 16,18,20 or 16-20,24; got {spec!r}") from None
     else:
         out = [int(x) for x in spec]
     out = sorted(set(out))
