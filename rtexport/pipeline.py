@@ -309,9 +309,12 @@ class Pipeline:
                                            attention=attention, logits=self.s.logits)
                     finally:
                         routed.unwrap()
+                info = load_export_info(path.parent)
                 results[mode] = {"path": str(path.relative_to(self.out)), "dtype": self._onnx_dtype(), "opset": self.s.opset,
-                                 "attention": load_export_info(path.parent).get("attention"),
+                                 "attention": info.get("attention"),
                                  "bytes": sum(f.stat().st_size for f in path.parent.glob("model.onnx*"))}
+                if mode == "gated":  # the routed layers that run without an If at prefill (by execution rate)
+                    results[mode]["prefill_always"] = list(info["spec"].get("prefill_always", []))
             return results
 
         return self.run_stage("export", key, "onnx-build", run)

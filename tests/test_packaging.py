@@ -194,6 +194,11 @@ def test_changing_the_report_changes_the_card(tmp_path):
     assert f"| {fmt_ppl(48.7713)} |" in after and fmt_ppl(48.7713) not in before
     assert f"**Removed:** layers {format_layers(new_skip)}" in after
     assert card_mod.report_fingerprint(report) != card_mod.report_fingerprint(changed)
+    # the gated graph's layers without an If at prefill, as the export recorded them
+    assert "run without one, masked per sequence" not in before
+    changed["stages"]["export"]["results"]["gated"]["prefill_always"] = [16, 19]
+    _, after = _render(tmp_path, changed)
+    assert "(at prefill, layers 16, 19, which the routers run for nearly every sequence, run without one" in after
 
 
 def test_missing_stages_render_as_not_measured(tmp_path):

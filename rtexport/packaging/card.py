@@ -419,7 +419,8 @@ def _exports(report: Mapping[str, Any], output_dir: Path,
             return name in files if files is not None else (output_dir / folder / name).is_file()
 
         out.append({"mode": mode, "folder": folder, "path": f"{folder}/model.onnx", "dtype": ex.get("dtype"),
-                    "runner": has("run_ort.py"), "genai": has("genai_config.json")})
+                    "runner": has("run_ort.py"), "genai": has("genai_config.json"),
+                    "prefill_always": list(ex.get("prefill_always") or [])})
     return out
 
 
