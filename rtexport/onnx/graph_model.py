@@ -152,11 +152,9 @@ def build_spec(
     routed_layers: list[int] | None = None,
     routed_target: str = "attn",
     threshold: float = 0.5,
-    prefill_always: list[int] | None = None,
 ) -> GraphSpec:
     """The graph layout for a model: ``skip`` sub-blocks of kind ``skip_target`` are left out; in gated mode the
-    ``routed_layers`` sub-blocks of kind ``routed_target`` go in an ``If`` each (at prefill, those not in
-    ``prefill_always``)."""
+    ``routed_layers`` sub-blocks of kind ``routed_target`` go in an ``If`` each."""
     n = int(config.num_hidden_layers)
     skip = sorted(set(int(i) for i in (skip or [])))
     attn = [i for i in range(n) if not (skip_target in ("attn", "block") and i in skip)]
@@ -179,7 +177,6 @@ def build_spec(
         target=target,
         threshold=float(threshold),
         sliding_windows=windows,
-        prefill_always=tuple(sorted(set(int(i) for i in (prefill_always or [])))),
     )
 
 
@@ -859,7 +856,7 @@ class DecoderGraph(nn.Module):
                 dec, condition = given & (scored | ~is_prefill), run
             else:
                 dec = self._score(layer, normed, mean_weights, limit)
-                condition = dec.any()
+                condition = None if always else dec.any()
         if always:
             result = taken(*operands, dec)
         else:
