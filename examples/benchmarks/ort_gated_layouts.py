@@ -199,7 +199,7 @@ def _prefill_if_layers(prefill: onnx.ModelProto) -> dict[str, int]:
 
 def _prefill_inlined(prefill: onnx.ModelProto, skip: set[int], only: set[int] | None = None) -> onnx.ModelProto:
     """``prefill`` (a lifted prefill graph) with each per-layer ``If`` (of the layers in ``only``; None: all)
-    replaced by the branch the plan takes. The ``If``\\ s are in layer order, one per ``run_layer.{i}`` input."""
+    replaced by the branch the plan takes (``skip``: the routed layers the plan skips)."""
     layer_of = _prefill_if_layers(prefill)
     nodes: list[onnx.NodeProto] = []
     for node in prefill.graph.node:
