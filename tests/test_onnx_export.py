@@ -187,7 +187,7 @@ def test_gated_parity_takes_each_branch(arch, mode):
     assert len(mixed) == 3, f"test inputs do not cover enough decision patterns: {sorted(patterns)}"
     # batch 1 for every pattern (a layer skipped alone takes the else branch), then one mixed batch of 3
     batches = [left_pad([patterns[p][0]]) for p in sorted(patterns)] + [left_pad(mixed)]
-    taken = {"skip_all": 0, "masked": 0, "run_all": 0}
+    taken = {(i, kind): 0 for i in ROUTED_LAYERS for kind in ("skip_all", "masked", "run_all")}
     model = case.model
     for batch in batches:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -203,12 +203,12 @@ def test_gated_parity_takes_each_branch(arch, mode):
         for r, i in enumerate(ROUTED_LAYERS):
             assert step.cache.decisions[:, r].tolist() == ref_dec[i].tolist()
             d = step.cache.decisions[:, r]
-            taken["run_all" if d.all() else "skip_all" if not d.any() else "masked"] += 1
+            taken[i, "run_all" if d.all() else "skip_all" if not d.any() else "masked"] += 1
             # a layer no sequence runs keeps no cache
             assert step.cache.past[i][0].shape[2] == (ids.shape[1] if d.any() else 0)
         out = ort_model.forward(more.numpy(), full_mask.numpy(), cache=step.cache)
         assert max_diff_real(out.logits, ref2, torch.ones(b, 2)) <= ATOL
-    assert all(taken.values()), f"not every branch was exercised: {taken}"
+    assert all(taken.values()), f"not every routed layer took every branch: {taken}"
 
 
 def test_gated_graph_takes_prompts_of_one_to_three_tokens():

@@ -292,9 +292,9 @@ def fill_gated(dest: Path, loaded: Any, routed: Any) -> Path:
 
 # ---- the module export_onnx exports ----------------------------------------------------------------------------
 def graph_module_from_info(loaded: Any, folder: Path, *, plan: Any = None, routed: Any = None) -> DecoderGraph:
-    """``build_graph_module`` with the mode, dtype, opset, attention, prefill select, KV cache, logits and prefill-always
-    layers that ``folder``'s
-    export_info.json records; fails when the spec built here differs from the recorded one."""
+    """``build_graph_module`` with the mode, dtype, opset, attention, prefill select, KV cache, logits and
+    prefill-always layers that ``folder``'s export_info.json records; fails when the spec built here differs from the
+    recorded one."""
     info = read_json(Path(folder) / INFO_NAME)
     graph = build_graph_module(loaded, mode=info["mode"], plan=plan, routed=routed, dtype=info["dtype"],
                                attention=info.get("attention", "auto"), opset=info["opset"],

@@ -152,14 +152,12 @@ def derive(model: onnx.ModelProto, layout: str, skip: set[int]) -> onnx.ModelPro
         return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), skip))
     if layout == "prefill_masked":
         return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), set()))
+    routed = {int(i.name.split(".")[1]) for i in model.graph.input if i.name.startswith("run_layer.")}
     if layout == "prefill_masked_run":
-        routed = {int(i.name.split(".")[1]) for i in model.graph.input if i.name.startswith("run_layer.")}
         return _without_dead_nodes(_prefill_inlined(lift_phase(model, "prefill"), set(), only=routed - skip))
     if layout == "prefill_kv_early":
         return _kv_early(lift_phase(model, "prefill"))
-    if layout in ("prefill_qkv_early", "prefill_qkv_run",
-                   "prefill_masked_run"):
-        routed = {int(i.name.split(".")[1]) for i in model.graph.input if i.name.startswith("run_layer.")}
+    if layout in ("prefill_qkv_early", "prefill_qkv_run"):
         return _early(lift_phase(model, "prefill"), routed - skip if layout == "prefill_qkv_run" else None,
                       (".q_proj.weight.T", ".k_proj.weight.T", ".v_proj.weight.T"), rotary=True)
     if layout.startswith("part:"):

@@ -428,7 +428,7 @@ def build_graph_module(
     prefill_select = prefill_select or prefill_select_for_this_torch()
     if mode == "gated":
         always = _prefill_always(prefill_always, routed.config, list(spec.routed_layers), prefill_select)
-        spec = dataclasses.replace(spec, prefill_always=tuple(sorted(set(always))))
+        spec = dataclasses.replace(spec, prefill_always=tuple(always))
     with torch.no_grad():
         return DecoderGraph(model, loaded.adapter, spec, routers, dtype=torch_dtype, attention=attention,
                             prefill_select=prefill_select, kv_cache=kv_cache, logits=logits)
@@ -444,11 +444,8 @@ def _prefill_always(choice: str | list[int] | None, config: Any, routed_layers: 
         if prefill_select != "cond":
             return []
         return prefill_always_from_rates(config.execution_rates, routed_layers)
-    layers = parse_layers(choice, config.num_layers)  # GraphSpec refuses layers that are not routed
-    if layers and prefill_select != "cond":
-        raise ArtifactMismatch("prefill_always needs prefill_select='cond' (this torch exports the logical layout, "
-                               "which runs every routed sub-block in an If at prefill too)")
-    return layers
+    # GraphSpec refuses layers that are not routed, DecoderGraph a list on the logical layout
+    return parse_layers(choice, config.num_layers)
 
 
 def export_onnx(
